@@ -1,0 +1,111 @@
+"""Atomic output: write to a temporary file in the target folder, then rename over the target.
+
+A reader therefore sees either the previous complete file or the new complete file, never a
+half-written one, and a failure (exception, full disk, kill) leaves no partial output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from cryoves.errors import OutputError, OutputExistsError
+
+#: Name of the file that marks an output folder as holding a complete result; written last.
+MANIFEST_NAME = "manifest.json"
+
+
+def _as_output_error(exc: OSError, path: Path) -> OutputError:
+    if exc.errno == errno.ENOSPC:
+        return OutputError(f"disk full while writing {path}; free space or choose another --output")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"cannot write {path}: permission denied; choose a writable --output")
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; on success rename it to ``target``.
+
+    The temporary name keeps the target's suffix (writers such as tifffile or mrcfile look at it).
+    On any exception the temporary file is removed and ``target`` is left untouched.
+    """
+    target = Path(target)
+    suffix = target.suffix if suffix is None else suffix
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{suffix}", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _as_output_error(exc, target) from exc
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        _fsync(tmp_path)
+        os.replace(tmp_path, target)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise _as_output_error(exc, target) from exc
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    if path.is_dir():
+        return
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``target`` atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return Path(target)
+
+
+def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``target`` atomically."""
+    return write_bytes_atomic(target, text.encode("utf-8"))
+
+
+def write_json_atomic(target: str | os.PathLike, obj: object) -> Path:
+    """Write ``obj`` as indented JSON to ``target`` atomically."""
+    return write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def prepare_output_dir(outdir: str | os.PathLike, *, force: bool = False) -> Path:
+    """Create ``outdir`` for a command's outputs.
+
+    Refuses (``OutputExistsError``) when the folder already holds a complete result, i.e. a
+    manifest, and ``force`` is false. Checks that the folder is writable before any work starts.
+    """
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise OutputError(f"output {outdir} exists and is not a folder; choose another --output")
+    if (outdir / MANIFEST_NAME).exists() and not force:
+        raise OutputExistsError(
+            f"{outdir} already holds a result ({MANIFEST_NAME}); pass --force to overwrite it "
+            "or choose another --output"
+        )
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=outdir, prefix=".write-test.", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise _as_output_error(exc, outdir) from exc
+    return outdir
+
+
+def check_file_output(target: str | os.PathLike, *, force: bool = False) -> Path:
+    """Refuse to overwrite an existing single-file output unless ``force``."""
+    target = Path(target)
+    if target.exists() and not force:
+        raise OutputExistsError(f"{target} exists; pass --force to overwrite it or choose another --output")
+    return target

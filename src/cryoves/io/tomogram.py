@@ -1,0 +1,152 @@
+"""The ``Tomogram`` value and voxel-size validation.
+
+Axis order is (z, y, x) everywhere, as ``mrcfile`` returns MRC data. Voxel sizes and origins are
+stored per axis in the same order, in Ångström.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryoves.errors import InputError, VoxelSizeError
+
+log = logging.getLogger(__name__)
+
+#: Plausible voxel sizes for cryo-ET tomograms (Å). Outside this range a header is almost
+#: certainly wrong (e.g. nm written as Å, or the 1.0 Å "unset" default).
+MIN_VOXEL_SIZE_A = 0.5
+MAX_VOXEL_SIZE_A = 100.0
+#: Relative difference between axes above which a voxel size counts as anisotropic.
+ANISOTROPY_TOLERANCE = 0.01
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}"
+
+
+def validate_voxel_size(voxel_size: Any, source: str = "header") -> tuple[float, float, float]:
+    """Return ``(vz, vy, vx)`` in Å, or raise :class:`VoxelSizeError` naming the value and the fix.
+
+    ``voxel_size`` is a scalar (isotropic) or a 3-sequence in (z, y, x) order. Refused: missing,
+    0, negative, NaN/Inf, exactly 1.0 Å (the MRC "unset" default), and values outside
+    [0.5, 100] Å. Anisotropic sizes are accepted here and reported with a warning; callers that
+    need an isotropic grid check :attr:`Tomogram.is_isotropic`.
+    """
+    hint = "give the true size with --voxel-size ANGSTROM"
+    if voxel_size is None:
+        raise VoxelSizeError(f"no voxel size in the {source}; {hint}")
+    values = np.atleast_1d(np.asarray(voxel_size, dtype=float)).ravel()
+    if values.size == 1:
+        values = np.repeat(values, 3)
+    if values.size != 3:
+        raise VoxelSizeError(f"voxel size must be one value or three (z, y, x), got {voxel_size!r}")
+    for v in values:
+        if not math.isfinite(v):
+            raise VoxelSizeError(f"voxel size {_fmt(v)} Å in the {source} is not a number; {hint}")
+        if v <= 0:
+            raise VoxelSizeError(f"voxel size {_fmt(v)} Å in the {source} must be positive; {hint}")
+        if v == 1.0:
+            raise VoxelSizeError(
+                f"voxel size 1 Å in the {source} looks like the unset MRC default; {hint}"
+            )
+        if v < MIN_VOXEL_SIZE_A:
+            raise VoxelSizeError(
+                f"voxel size {_fmt(v)} Å in the {source} is below {MIN_VOXEL_SIZE_A} Å "
+                f"(nm written as Å?); {hint}"
+            )
+        if v > MAX_VOXEL_SIZE_A:
+            raise VoxelSizeError(
+                f"voxel size {_fmt(v)} Å in the {source} is above {MAX_VOXEL_SIZE_A} Å "
+                f"(wrong units?); {hint}"
+            )
+    vz, vy, vx = (float(v) for v in values)
+    if max(values) / min(values) - 1 > ANISOTROPY_TOLERANCE:
+        log.warning(
+            "anisotropic voxel size (z, y, x) = (%s, %s, %s) Å from the %s",
+            _fmt(vz), _fmt(vy), _fmt(vx), source,
+        )
+    return vz, vy, vx
+
+
+def validate_volume(data: Any, source: str = "volume", check_finite: bool = True) -> None:
+    """Raise :class:`InputError` for arrays that cannot be a tomogram (not 3-D, empty, NaN/Inf)."""
+    shape = tuple(getattr(data, "shape", ()))
+    if len(shape) != 3:
+        kind = {0: "a scalar", 1: "1-D", 2: "a 2-D image"}.get(len(shape), f"{len(shape)}-D")
+        raise InputError(f"{source} is {kind} with shape {shape}; a tomogram must be 3-D (z, y, x)")
+    if 0 in shape:
+        raise InputError(f"{source} is empty (shape {shape})")
+    dtype = np.dtype(data.dtype)
+    if dtype.kind not in "iuf":
+        raise InputError(f"{source} has unsupported data type {dtype}; expected integers or floats")
+    if check_finite and dtype.kind == "f":
+        bad = _count_nonfinite(data)
+        if bad:
+            raise InputError(
+                f"{source} contains {bad} NaN/Inf voxels; repair or crop the tomogram first"
+            )
+
+
+def _count_nonfinite(data: Any, slab: int = 16) -> int:
+    """Count NaN/Inf voxels slab by slab (memory-mapped data is never loaded whole)."""
+    bad = 0
+    for z0 in range(0, data.shape[0], slab):
+        block = np.asarray(data[z0 : z0 + slab])
+        bad += int(block.size - np.count_nonzero(np.isfinite(block)))
+    return bad
+
+
+@dataclass
+class Tomogram:
+    """A 3-D volume with its geometry.
+
+    Attributes:
+        data: array-like of shape (z, y, x): a numpy array, a read-only memory map, or a lazy
+            (zarr/dask) array. Values are in the file's units; no normalisation is applied.
+        voxel_size: (vz, vy, vx) in Å.
+        origin: (oz, oy, ox) in Å, as stored in the file header (0 if absent).
+        path: the source file, if any.
+        header_notes: problems found in the header (reported by ``cryoves info``).
+    """
+
+    data: Any
+    voxel_size: tuple[float, float, float]
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    path: Path | None = None
+    header_notes: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.data.dtype)
+
+    @property
+    def is_isotropic(self) -> bool:
+        v = np.asarray(self.voxel_size)
+        return bool(v.max() / v.min() - 1 <= ANISOTROPY_TOLERANCE)
+
+    @property
+    def voxel_size_a(self) -> float:
+        """Isotropic voxel size in Å (the x size; see :attr:`is_isotropic`)."""
+        return float(self.voxel_size[2])
+
+    @property
+    def voxel_size_nm(self) -> float:
+        return self.voxel_size_a / 10.0
+
+    def asarray(self, dtype: Any = np.float32) -> np.ndarray:
+        """Load the whole volume into memory as ``dtype`` (float32 by default)."""
+        return np.asarray(self.data, dtype=dtype)
+
+    @property
+    def nbytes_float32(self) -> int:
+        return int(np.prod(self.shape)) * 4

@@ -1,0 +1,224 @@
+"""The vesicle table: the one data model every stage reads and writes.
+
+One row per vesicle. Coordinates are in voxels of the *input tomogram grid* (z, y, x), with voxel
+centres at integer coordinates, and the same in nm (``z_nm = z * voxel_size_nm``, relative to the
+centre of voxel (0, 0, 0); the file origin is not added). ``radius`` is the outer membrane radius.
+Label volumes, IMOD models, STAR files and napari layers are renderings of this table.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cryoves.errors import FormatError, InputError, VoxelSizeError
+from cryoves.io.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+CORE_COLUMNS = ["id", "z", "y", "x", "radius", "z_nm", "y_nm", "x_nm", "radius_nm"]
+#: Optional per-vesicle columns, filled by later steps (NaN / empty when unknown).
+QC_COLUMNS = {
+    "membrane_thickness_nm": float,
+    "membrane_density": float,
+    "lumen_density": float,
+    "profile_correlation": float,
+    "fit_residual": float,
+    "mahalanobis": float,
+    "p_value": float,
+    "source": str,  # "auto" | "manual" | "ground_truth" | ...
+}
+
+
+class VesicleTable:
+    """Spheres with provenance and QC features, plus the voxel size (Å) that links voxels to nm."""
+
+    def __init__(self, df: pd.DataFrame, voxel_size: float):
+        if voxel_size is None or not np.isfinite(voxel_size) or voxel_size <= 0:
+            raise VoxelSizeError(f"vesicle table needs a positive voxel size in Å, got {voxel_size!r}")
+        self.voxel_size = float(voxel_size)
+        self.df = self._normalise(df)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_spheres(
+        cls,
+        centres: Any,
+        radii: Any,
+        voxel_size: float,
+        ids: Iterable[int] | None = None,
+        **columns: Any,
+    ) -> VesicleTable:
+        """Build a table from centres (N, 3) (z, y, x) and radii (N,) in voxels."""
+        centres = np.asarray(centres, dtype=float).reshape(-1, 3)
+        radii = np.asarray(radii, dtype=float).reshape(-1)
+        if len(radii) != len(centres):
+            raise InputError(f"{len(centres)} centres but {len(radii)} radii")
+        ids_arr = np.arange(1, len(radii) + 1) if ids is None else np.asarray(list(ids), dtype=np.int64)
+        df = pd.DataFrame(
+            {"id": ids_arr, "z": centres[:, 0], "y": centres[:, 1], "x": centres[:, 2], "radius": radii}
+        )
+        for name, values in columns.items():
+            df[name] = values
+        return cls(df, voxel_size)
+
+    @classmethod
+    def empty(cls, voxel_size: float) -> VesicleTable:
+        return cls.from_spheres(np.zeros((0, 3)), np.zeros(0), voxel_size)
+
+    def _normalise(self, df: pd.DataFrame) -> pd.DataFrame:
+        df = df.copy()
+        missing = [c for c in ("z", "y", "x", "radius") if c not in df.columns]
+        if missing:
+            raise FormatError(f"vesicle table lacks column(s) {', '.join(missing)}")
+        if "id" not in df.columns:
+            df.insert(0, "id", np.arange(1, len(df) + 1))
+        for c in ("z", "y", "x", "radius"):
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+        try:
+            df["id"] = df["id"].astype(np.int64)
+        except (ValueError, TypeError) as exc:
+            raise FormatError(f"vesicle ids must be integers: {exc}") from exc
+        vals = df[["z", "y", "x", "radius"]].to_numpy()
+        if len(df) and not np.isfinite(vals).all():
+            raise FormatError("vesicle table has missing or non-numeric centre/radius values")
+        if len(df) and (df["radius"] <= 0).any():
+            raise FormatError("vesicle table has radius <= 0")
+        if df["id"].duplicated().any():
+            dup = df.loc[df["id"].duplicated(), "id"].iloc[0]
+            raise FormatError(f"vesicle table has duplicate id {dup}")
+        if len(df) and (df["id"] <= 0).any():
+            raise FormatError("vesicle ids must be positive (0 is background)")
+        nm = self.voxel_size / 10.0
+        for c in ("z", "y", "x", "radius"):
+            df[f"{c}_nm"] = df[c] * nm
+        rest = [c for c in df.columns if c not in CORE_COLUMNS]
+        return df[CORE_COLUMNS + rest].reset_index(drop=True)
+
+    # ----------------------------------------------------------------- access
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def __repr__(self) -> str:
+        return f"VesicleTable({len(self)} vesicles, voxel size {self.voxel_size:g} Å)"
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.df["id"].to_numpy()
+
+    @property
+    def centres(self) -> np.ndarray:
+        """(N, 3) centres in voxels, (z, y, x)."""
+        return self.df[["z", "y", "x"]].to_numpy(dtype=float)
+
+    @property
+    def radii(self) -> np.ndarray:
+        """(N,) outer radii in voxels."""
+        return self.df["radius"].to_numpy(dtype=float)
+
+    def copy(self) -> VesicleTable:
+        return VesicleTable(self.df, self.voxel_size)
+
+    def with_df(self, df: pd.DataFrame) -> VesicleTable:
+        """A new table with the same voxel size and ``df`` as rows (nm columns recomputed)."""
+        return VesicleTable(df, self.voxel_size)
+
+    def next_id(self) -> int:
+        return int(self.df["id"].max()) + 1 if len(self) else 1
+
+    # ----------------------------------------------------------------- rendering
+    def to_labels(self, shape: tuple[int, int, int], dtype: Any = np.uint32) -> np.ndarray:
+        """Render filled balls into an instance label volume of ``shape`` (z, y, x).
+
+        A voxel belongs to a vesicle when its centre lies within ``radius`` of the (sub-voxel)
+        vesicle centre. Overlap rule: where spheres overlap, the voxel goes to the vesicle whose
+        surface it lies deepest inside (largest ``radius - distance``); ties keep the earlier row.
+        Only each sphere's bounding box is touched.
+        """
+        return render_labels(self.centres, self.radii, self.ids, shape, dtype=dtype)
+
+    # ----------------------------------------------------------------- CSV
+    def write_csv(self, path: str | Path) -> Path:
+        """Write the table as CSV atomically (columns: see ``docs/formats.md``)."""
+        with atomic_path(path) as tmp:
+            self.df.to_csv(tmp, index=False, float_format="%.4f")
+        return Path(path)
+
+    @classmethod
+    def read_csv(cls, path: str | Path, voxel_size: float | None = None) -> VesicleTable:
+        """Read a vesicle CSV. The voxel size comes from ``voxel_size`` or the nm columns."""
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"file not found: {path}")
+        try:
+            df = pd.read_csv(path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+            raise FormatError(f"{path} is not a readable vesicle CSV: {exc}") from exc
+        if voxel_size is None:
+            voxel_size = _voxel_size_from_nm_columns(df, path)
+        return cls(df, voxel_size)
+
+
+def _voxel_size_from_nm_columns(df: pd.DataFrame, path: Path) -> float:
+    if "radius_nm" in df.columns and "radius" in df.columns and len(df):
+        r = pd.to_numeric(df["radius"], errors="coerce").to_numpy(float)
+        rn = pd.to_numeric(df["radius_nm"], errors="coerce").to_numpy(float)
+        ok = np.isfinite(r) & np.isfinite(rn) & (r > 0)
+        if ok.any():
+            return float(np.median(rn[ok] / r[ok]) * 10.0)
+    raise VoxelSizeError(f"{path}: cannot tell the voxel size (no radius_nm column); pass --voxel-size")
+
+
+def render_labels(
+    centres: np.ndarray,
+    radii: np.ndarray,
+    ids: np.ndarray,
+    shape: tuple[int, int, int],
+    dtype: Any = np.uint32,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Paint balls into a label volume, touching only each ball's bounding box (see ``to_labels``)."""
+    shape = tuple(int(s) for s in shape)
+    labels = np.zeros(shape, dtype=dtype) if out is None else out
+    centres = np.asarray(centres, dtype=float).reshape(-1, 3)
+    radii = np.asarray(radii, dtype=float).reshape(-1)
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if len(ids) == 0:
+        return labels
+    if ids.max() > np.iinfo(labels.dtype).max:
+        raise FormatError(f"vesicle id {ids.max()} does not fit in {labels.dtype}")
+    # id -> row lookup table, used to resolve overlaps against already painted vesicles
+    row_of = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
+    row_of[ids] = np.arange(len(ids))
+    for k in range(len(ids)):
+        c, r = centres[k], radii[k]
+        lo = np.maximum(np.ceil(c - r).astype(int), 0)
+        hi = np.minimum(np.floor(c + r).astype(int) + 1, shape)
+        if np.any(hi <= lo):
+            continue
+        gz = (np.arange(lo[0], hi[0]) - c[0]) ** 2
+        gy = (np.arange(lo[1], hi[1]) - c[1]) ** 2
+        gx = (np.arange(lo[2], hi[2]) - c[2]) ** 2
+        d2 = gz[:, None, None] + gy[None, :, None] + gx[None, None, :]
+        inside = d2 <= r * r
+        box = labels[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        taken = inside & (box != 0)
+        if taken.any():
+            zz, yy, xx = np.nonzero(taken)
+            other = box[zz, yy, xx].astype(np.int64)
+            rows = np.where(other < len(row_of), row_of[np.minimum(other, len(row_of) - 1)], -1)
+            pts = np.stack([zz + lo[0], yy + lo[1], xx + lo[2]], axis=1).astype(float)
+            depth_new = r - np.sqrt(d2[zz, yy, xx])
+            oc = centres[np.maximum(rows, 0)]
+            depth_old = np.where(
+                rows >= 0, radii[np.maximum(rows, 0)] - np.linalg.norm(pts - oc, axis=1), -np.inf
+            )
+            keep_old = depth_old >= depth_new
+            inside[zz[keep_old], yy[keep_old], xx[keep_old]] = False
+        box[inside] = ids[k]
+    return labels

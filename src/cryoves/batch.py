@@ -1,0 +1,326 @@
+"""Many tomograms on Dask: local cluster, an existing scheduler, or SLURM/PBS via dask-jobqueue.
+
+Each tomogram is one task that runs :func:`cryoves.pipeline.segment` into its own folder. A task
+never raises: failures come back as a record with the error, so one bad tomogram never sinks the
+batch. A folder whose manifest and outputs are complete is skipped (``force`` redoes it). Outputs
+are written atomically and the manifest last, so a worker killed mid-task leaves nothing that looks
+complete, and Dask re-runs the task on another worker.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cryoves.errors import CryovesError, InputError, ParameterError
+from cryoves.io import MRC_SUFFIXES, TIFF_SUFFIXES
+from cryoves.io.atomic import atomic_path
+from cryoves.pipeline import SegmentConfig, is_complete_result
+
+log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "batch_summary.csv"
+SUMMARY_COLUMNS = ["tomogram", "output", "status", "n_vesicles", "seconds", "worker", "error"]
+_MANIFEST_KEYS = {"voxel_size", "mask_model", "mask", "az_model", "az_mask", "invert", "vesicle_radius_nm", "output"}
+
+# Models loaded in this worker process, by name: one load per worker, not per task.
+_WORKER_MODELS: dict[str, Any] = {}
+
+
+@dataclass
+class BatchItem:
+    """One tomogram of a batch with its per-tomogram overrides of the shared configuration."""
+
+    tomogram: Path
+    output: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(MRC_SUFFIXES | TIFF_SUFFIXES | {".zarr"}, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name.rstrip(".") or path.name
+
+
+def _is_tomogram(path: Path) -> bool:
+    s = path.suffix.lower()
+    return s in MRC_SUFFIXES or s in TIFF_SUFFIXES or s == ".zarr" or path.name.lower().endswith(".rec.nad")
+
+
+def collect_inputs(inputs: list[str | os.PathLike]) -> list[BatchItem]:
+    """Expand files, folders, glob patterns and CSV/YAML manifests into batch items.
+
+    A manifest has one row per tomogram: column ``tomogram`` (required; relative paths are
+    relative to the manifest) and optional ``output``, ``voxel_size``, ``mask_model``, ``mask``,
+    ``az_model``, ``az_mask``, ``invert``, ``vesicle_radius_nm``.
+    """
+    items: list[BatchItem] = []
+    for raw in inputs:
+        text = str(raw)
+        path = Path(text)
+        if path.suffix.lower() in {".csv", ".yaml", ".yml"} and path.is_file():
+            items.extend(_read_manifest(path))
+        elif path.is_dir() and path.suffix.lower() != ".zarr":
+            items.extend(BatchItem(p, _stem(p)) for p in sorted(path.iterdir()) if _is_tomogram(p))
+        elif any(ch in text for ch in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(text))
+            items.extend(BatchItem(p, _stem(p)) for p in matches if _is_tomogram(p))
+        else:
+            # A missing file is kept: it becomes a 'failed' row, not an abort of the whole batch.
+            items.append(BatchItem(path, _stem(path)))
+    if not items:
+        raise InputError(f"no tomograms found in {', '.join(map(str, inputs))}")
+    return _unique_outputs(items)
+
+
+def _read_manifest(path: Path) -> list[BatchItem]:
+    try:
+        if path.suffix.lower() == ".csv":
+            rows = pd.read_csv(path).to_dict("records")
+        else:
+            import yaml
+
+            data = yaml.safe_load(path.read_text())
+            rows = data.get("tomograms", data) if isinstance(data, dict) else data
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad manifest
+        raise InputError(f"cannot read batch manifest {path}: {exc}") from exc
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "tomogram" in r for r in rows):
+        raise InputError(f"batch manifest {path} needs a list of rows with a 'tomogram' column")
+    items = []
+    for row in rows:
+        tomo = Path(str(row["tomogram"]))
+        if not tomo.is_absolute():
+            tomo = path.parent / tomo
+        unknown = set(row) - _MANIFEST_KEYS - {"tomogram"}
+        if unknown:
+            raise InputError(f"batch manifest {path}: unknown column(s) {', '.join(sorted(unknown))}")
+        over = {k: v for k, v in row.items() if k in _MANIFEST_KEYS and k != "output" and not _isna(v)}
+        for key in ("mask_model", "mask", "az_model", "az_mask"):
+            if key in over and not Path(str(over[key])).is_absolute():
+                over[key] = str(path.parent / str(over[key]))
+        out = str(row.get("output")) if not _isna(row.get("output")) else _stem(tomo)
+        items.append(BatchItem(tomo, out, over))
+    return items
+
+
+def _isna(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
+
+
+def _unique_outputs(items: list[BatchItem]) -> list[BatchItem]:
+    seen: dict[str, int] = {}
+    for it in items:
+        n = seen.get(it.output, 0)
+        seen[it.output] = n + 1
+        if n:
+            it.output = f"{it.output}_{n + 1}"
+    return items
+
+
+def segment_one(item: BatchItem, outroot: str, config: SegmentConfig, force: bool) -> dict[str, Any]:
+    """Run one tomogram; never raises (the error goes into the returned record)."""
+    from cryoves.pipeline import segment
+
+    outdir = Path(outroot) / item.output
+    record: dict[str, Any] = {
+        "tomogram": str(item.tomogram),
+        "output": str(outdir),
+        "status": "ok",
+        "n_vesicles": None,
+        "seconds": 0.0,
+        "worker": _worker_name(),
+        "error": "",
+    }
+    t0 = time.perf_counter()
+    try:
+        cfg = replace(config, **item.overrides)
+        model = _worker_model(cfg.model) if cfg.from_probability is None else None
+        res = segment(item.tomogram, outdir, cfg, force=True, model=model)
+        record["n_vesicles"] = len(res.vesicles)
+    except CryovesError as exc:
+        record.update(status="failed", error=" ".join(str(exc).split()))
+    except Exception as exc:  # noqa: BLE001 - isolate every failure to its tomogram
+        log.debug("batch task failed\n%s", traceback.format_exc())
+        record.update(status="failed", error=f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+    record["seconds"] = round(time.perf_counter() - t0, 2)
+    return record
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except (ImportError, ValueError):
+        return "local"
+
+
+def _worker_model(name: str) -> Any:
+    if name not in _WORKER_MODELS:
+        from cryoves.model import load_model
+
+        _WORKER_MODELS[name] = load_model(name)
+    return _WORKER_MODELS[name]
+
+
+def local_cluster_size(n_items: int, cores: int | None = None, memory_gib: float | None = None) -> tuple[int, int]:
+    """(workers, torch threads per worker) for a local cluster on this machine.
+
+    Each worker runs one tomogram at a time (Dask threads = 1) and gives torch the cores left to it,
+    so workers × torch threads = cores: no oversubscription. A worker needs ~6 GiB for a typical
+    1k×1k×300 tomogram, which caps the worker count on small-memory machines.
+    """
+    cores = cores or os.cpu_count() or 1
+    if memory_gib is None:
+        try:
+            memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        except (ValueError, OSError, AttributeError):
+            memory_gib = 8.0
+    workers = max(1, min(n_items, cores // 2 or 1, int(memory_gib // 6) or 1))
+    return workers, max(1, cores // workers)
+
+
+def _set_torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def make_client(
+    n_items: int,
+    *,
+    scheduler: str | None = None,
+    slurm: str | os.PathLike | None = None,
+    n_workers: int | None = None,
+    threads: int | None = None,
+) -> Any:
+    """A Dask client: an existing scheduler, a SLURM cluster from a YAML file, or a local cluster."""
+    from distributed import Client, LocalCluster
+
+    if scheduler and slurm:
+        raise ParameterError("give either --scheduler or --slurm, not both")
+    if scheduler:
+        return Client(scheduler)
+    if slurm:
+        return _slurm_client(Path(slurm), n_items)
+    workers, torch_threads = local_cluster_size(n_items)
+    workers = n_workers or workers
+    torch_threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    cluster = LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=0
+    )
+    client = Client(cluster)
+    client.run(_set_torch_threads, torch_threads)
+    log.info("local Dask cluster: %d workers x %d torch threads", workers, torch_threads)
+    return client
+
+
+def _slurm_client(path: Path, n_items: int) -> Any:
+    try:
+        import yaml
+        from dask_jobqueue import SLURMCluster
+        from distributed import Client
+    except ImportError as exc:
+        raise ParameterError("SLURM needs dask-jobqueue: pip install 'cryoves[slurm]'") from exc
+    try:
+        opts = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(f"cannot read SLURM configuration {path}: {exc}") from exc
+    jobs = int(opts.pop("jobs", min(n_items, 10)))
+    cluster = SLURMCluster(**opts)
+    cluster.scale(jobs=jobs)
+    return Client(cluster)
+
+
+def run_batch(
+    inputs: list[str | os.PathLike],
+    outroot: str | os.PathLike,
+    config: SegmentConfig | None = None,
+    *,
+    client: Any = None,
+    scheduler: str | None = None,
+    slurm: str | os.PathLike | None = None,
+    n_workers: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Segment every tomogram of ``inputs`` into ``outroot/<name>/``; return the summary table.
+
+    The summary (one row per tomogram: status ok | skipped | failed, vesicle count, seconds,
+    worker, error) is also written to ``outroot/batch_summary.csv``.
+    """
+    config = config or SegmentConfig()
+    items = collect_inputs(inputs)
+    outroot = Path(outroot)
+    outroot.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = []
+    todo: list[BatchItem] = []
+    for it in items:
+        if not force and is_complete_result(outroot / it.output):
+            records.append(
+                {"tomogram": str(it.tomogram), "output": str(outroot / it.output), "status": "skipped",
+                 "n_vesicles": _count_rows(outroot / it.output / "vesicles.csv"), "seconds": 0.0,
+                 "worker": "", "error": ""}
+            )
+        else:
+            todo.append(it)
+    if todo:
+        own_client = client is None
+        if own_client:
+            client = make_client(len(todo), scheduler=scheduler, slurm=slurm, n_workers=n_workers)
+        try:
+            records.extend(_run_tasks(client, todo, str(outroot), config, progress))
+        finally:
+            if own_client:
+                cluster = getattr(client, "cluster", None)
+                client.close()
+                if cluster is not None:
+                    cluster.close()
+    order = {str(it.tomogram): k for k, it in enumerate(items)}
+    summary = pd.DataFrame(records, columns=SUMMARY_COLUMNS)
+    summary = summary.sort_values("tomogram", key=lambda s: s.map(order)).reset_index(drop=True)
+    with atomic_path(outroot / SUMMARY_NAME) as tmp:
+        summary.to_csv(tmp, index=False)
+    return summary
+
+
+def _count_rows(csv: Path) -> int | None:
+    try:
+        return int(len(pd.read_csv(csv)))
+    except (OSError, ValueError, pd.errors.EmptyDataError):
+        return None
+
+
+def _run_tasks(client: Any, items: list[BatchItem], outroot: str, config: SegmentConfig, progress: bool) -> list[dict]:
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    futures = {
+        client.submit(segment_one, it, outroot, config, True, pure=False, key=f"segment-{it.output}-{time.time_ns()}"): it
+        for it in items
+    }
+    records = []
+    bar = tqdm(total=len(futures), desc="tomograms", unit="tomo", disable=not progress)
+    for fut in as_completed(futures):
+        it = futures[fut]
+        try:
+            rec = fut.result()
+        except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker after repeated worker deaths
+            rec = {"tomogram": str(it.tomogram), "output": str(Path(outroot) / it.output), "status": "failed",
+                   "n_vesicles": None, "seconds": 0.0, "worker": "", "error": f"{type(exc).__name__}: {exc}"}
+        records.append(rec)
+        bar.update(1)
+        bar.set_postfix_str(f"{it.output}: {rec['status']}")
+    bar.close()
+    return records

@@ -1,0 +1,457 @@
+"""``segment()``: tomogram → vesicle table and every output file. Composition only, no algorithms.
+
+Steps: read + validate → region masks → probability map (network, cached by content) → global
+threshold → labelling with adaptive local thresholds → sphere fitting → outlier repair and region
+filter → outputs. Every removal is recorded in the rejected table; ``manifest.json`` is written
+last so a folder without it is never mistaken for a complete result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cryoves import __version__
+from cryoves.errors import Cancelled, InputError, VoxelSizeError
+from cryoves.io import Tomogram, read_tomogram, write_mrc
+from cryoves.io.atomic import MANIFEST_NAME, atomic_path, prepare_output_dir, write_json_atomic
+from cryoves.vesicles import VesicleTable
+
+log = logging.getLogger(__name__)
+
+#: Fixed output names inside a segmentation folder (see docs/formats.md).
+OUTPUT_FILES = {
+    "vesicles": "vesicles.csv",
+    "star": "vesicles.star",
+    "labels": "labels.mrc",
+    "probability": "probability.mrc",
+    "mod": "vesicles.mod",
+    "rejected": "rejected.csv",
+    "pyto": "pyto_labels.mrc",
+    "cytoplasm_mask": "cytoplasm_mask.mrc",
+    "active_zone_mask": "active_zone_mask.mrc",
+}
+REJECTED_COLUMNS = ["id", "z", "y", "x", "radius", "step", "reason"]
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass
+class SegmentConfig:
+    """Every parameter of a ``segment`` run (recorded in the manifest)."""
+
+    model: str = "cryoves-default"
+    voxel_size: float | None = None
+    """Voxel size in Å overriding the file header."""
+    invert: bool | None = None
+    """Force (True) or forbid (False) contrast inversion; None detects it."""
+    vesicle_radius_nm: float | None = None
+    """Expected vesicle radius; resamples so vesicles look like the training vesicles."""
+    min_radius_nm: float = 12.0
+    threshold: float | None = None
+    """Fixed global threshold; None searches ``threshold_range``."""
+    threshold_range: tuple[float, float, float] = (0.80, 0.99, 0.01)
+    mask_model: str | None = None
+    """IMOD model whose closed contours outline the cytoplasm (segmentation region)."""
+    mask: str | None = None
+    """Mask volume (MRC/TIFF, non-zero = region) instead of ``mask_model``."""
+    az_model: str | None = None
+    az_mask: str | None = None
+    from_probability: str | None = None
+    """Start after the network with this probability map (same grid as the tomogram)."""
+    tta: int = 1
+    device: str = "auto"
+    precision: str = "auto"
+    max_mahalanobis_p: float = 0.001
+    """Outliers: vesicles with χ² p-value below this (after re-refinement) are removed."""
+    min_profile_correlation: float = 0.3
+    report: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class SegmentResult:
+    vesicles: VesicleTable
+    rejected: pd.DataFrame
+    probability: np.ndarray
+    labels: np.ndarray
+    manifest: dict[str, Any]
+    outdir: Path | None = None
+    stage_labels: dict[str, np.ndarray] = field(default_factory=dict)
+    """Intermediate label volumes (global threshold, adaptive), kept only when asked for."""
+
+
+class _Steps:
+    """Timing, progress and cancellation around each step."""
+
+    def __init__(self, progress: Progress | None, should_stop: Callable[[], bool] | None):
+        self.progress = progress
+        self.should_stop = should_stop
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, fraction: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled(f"segmentation cancelled before step '{name}'")
+        if self.progress is not None:
+            self.progress(name, fraction)
+        log.info("step: %s", name)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+        return out
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _array_sha256(arr: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(str((arr.shape, str(arr.dtype))).encode())
+    for z in range(0, arr.shape[0], 16):
+        h.update(np.ascontiguousarray(arr[z : z + 16]).tobytes())
+    return h.hexdigest()
+
+
+def _load_tomogram(tomo: Tomogram | str | os.PathLike, voxel_size: float | None) -> Tomogram:
+    if isinstance(tomo, Tomogram):
+        if voxel_size is not None:
+            from cryoves.io import validate_voxel_size
+
+            tomo = Tomogram(tomo.data, validate_voxel_size(voxel_size, "--voxel-size option"), tomo.origin, tomo.path)
+        return tomo
+    return read_tomogram(tomo, voxel_size=voxel_size)
+
+
+def _region_masks(cfg: SegmentConfig, shape: tuple[int, int, int]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    from cryoves.io.imod import mask_from_mod
+
+    def volume_mask(path: str, what: str) -> np.ndarray:
+        m = _read_mask(path)
+        if m.shape != shape:
+            raise InputError(
+                f"{what} {path} has shape {m.shape} but the tomogram has {shape}; give a mask on the tomogram grid"
+            )
+        return m
+
+    cyto = az = None
+    if cfg.mask_model and cfg.mask:
+        raise InputError("give either --mask-model or --mask, not both")
+    if cfg.mask_model:
+        cyto = mask_from_mod(cfg.mask_model, shape, kind="closed")
+    elif cfg.mask:
+        cyto = volume_mask(cfg.mask, "mask")
+    if cfg.az_model:
+        az = mask_from_mod(cfg.az_model, shape, kind="open")
+    elif cfg.az_mask:
+        az = volume_mask(cfg.az_mask, "active-zone mask")
+    return cyto, az
+
+
+def _read_mask(path: str) -> np.ndarray:
+    import mrcfile
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"file not found: {p}")
+    if p.suffix.lower() in {".tif", ".tiff"}:
+        import tifffile
+
+        arr = tifffile.imread(p)
+    else:
+        try:
+            with mrcfile.open(p, permissive=False) as mrc:
+                arr = np.asarray(mrc.data)
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(f"{p} is not a readable mask volume: {exc}") from exc
+    return np.asarray(arr) != 0
+
+
+def _probability(
+    tomo: Tomogram, cfg: SegmentConfig, outdir: Path | None, input_sha: str, model: Any = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Network probability on the tomogram grid, reused from ``outdir`` when the cache key matches."""
+    if cfg.from_probability:
+        p = read_tomogram(cfg.from_probability, voxel_size=tomo.voxel_size_a, validate=True)
+        if p.shape != tomo.shape:
+            raise InputError(
+                f"probability map {cfg.from_probability} has shape {p.shape}, tomogram {tomo.shape}; "
+                "give the map on the tomogram grid"
+            )
+        prob = p.asarray()
+        if prob.min() < -1e-3 or prob.max() > 1 + 1e-3:
+            raise InputError(f"{cfg.from_probability} is not a probability map (values outside [0, 1])")
+        return np.clip(prob, 0, 1), {"source": str(cfg.from_probability), "inverted": bool(cfg.invert)}
+    from cryoves.model import load_model
+    from cryoves.predict import predict_tomogram
+
+    model = model if model is not None else load_model(cfg.model)
+    key_src = json.dumps(
+        {
+            "input": input_sha,
+            "model": getattr(model.info, "sha256", None) or cfg.model,
+            "voxel_size": tomo.voxel_size,
+            "invert": cfg.invert,
+            "radius": cfg.vesicle_radius_nm,
+            "tta": cfg.tta,
+            "precision": cfg.precision,
+        },
+        sort_keys=True,
+    )
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    if outdir is not None:
+        cached = _cached_probability(outdir, key, tomo.shape)
+        if cached is not None:
+            log.info("probability map reused from %s (cache key %s)", outdir, key)
+            return cached
+    res = predict_tomogram(
+        tomo,
+        model,
+        device=cfg.device,
+        tta=cfg.tta,
+        invert=cfg.invert,
+        vesicle_radius_nm=cfg.vesicle_radius_nm,
+        precision=cfg.precision,
+    )
+    info = dict(res.info)
+    info["cache_key"] = key
+    return np.asarray(res.prob, dtype=np.float32), info
+
+
+def _cached_probability(outdir: Path, key: str, shape: tuple[int, ...]) -> tuple[np.ndarray, dict] | None:
+    man_path = outdir / MANIFEST_NAME
+    prob_path = outdir / OUTPUT_FILES["probability"]
+    if not (man_path.exists() and prob_path.exists()):
+        return None
+    try:
+        info = json.loads(man_path.read_text()).get("prediction", {})
+        if info.get("cache_key") != key:
+            return None
+        import mrcfile
+
+        with mrcfile.open(prob_path, permissive=False) as mrc:
+            prob = np.array(mrc.data, dtype=np.float32)
+        if prob.shape != tuple(shape):
+            return None
+        return prob, info
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None
+
+
+def _rejected_frame(*frames: pd.DataFrame | None) -> pd.DataFrame:
+    parts = [f for f in frames if f is not None and len(f)]
+    if not parts:
+        return pd.DataFrame(columns=REJECTED_COLUMNS)
+    df = pd.concat(parts, ignore_index=True)
+    for c in REJECTED_COLUMNS:
+        if c not in df.columns:
+            df[c] = np.nan
+    return df[REJECTED_COLUMNS + [c for c in df.columns if c not in REJECTED_COLUMNS]]
+
+
+def segment(
+    tomo: Tomogram | str | os.PathLike,
+    outdir: str | os.PathLike | None = None,
+    config: SegmentConfig | None = None,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    keep_stages: bool = False,
+    model: Any = None,
+) -> SegmentResult:
+    """Segment the vesicles of ``tomo`` and, when ``outdir`` is given, write every output there.
+
+    Returns the vesicle table (voxels of the input grid + nm), the rejected table, the
+    probability map and the final instance labels. ``progress(step, fraction)`` is called before
+    each step; ``should_stop()`` returning True raises :class:`~cryoves.errors.Cancelled`.
+    ``model`` is an already loaded model (``cryoves.model.load_model``) to use instead of
+    ``config.model`` (batch workers load it once); ``keep_stages`` keeps intermediate labels.
+    """
+    from cryoves.postprocess.adaptive import label_vesicles
+    from cryoves.postprocess.masks import restrict_probability, vesicles_in_region
+    from cryoves.postprocess.outliers import repair
+    from cryoves.postprocess.spheres import fit_spheres
+    from cryoves.postprocess.threshold import global_threshold
+
+    cfg = config or SegmentConfig()
+    steps = _Steps(progress, should_stop)
+    out = prepare_output_dir(outdir, force=force) if outdir is not None else None
+
+    tomo = steps.run("read", 0.0, _load_tomogram, tomo, cfg.voxel_size)
+    if not tomo.is_isotropic:
+        raise VoxelSizeError(
+            f"anisotropic voxel size {tomo.voxel_size} Å (z, y, x) is not supported; resample the tomogram "
+            "to isotropic voxels or give the true isotropic size with --voxel-size"
+        )
+    vs = tomo.voxel_size_a
+    input_sha = (
+        steps.run("checksum", 0.02, file_sha256, tomo.path)
+        if tomo.path is not None and Path(tomo.path).is_file()
+        else steps.run("checksum", 0.02, _array_sha256, np.asarray(tomo.data))
+    )
+    cyto, az = steps.run("masks", 0.04, _region_masks, cfg, tomo.shape)
+    prob, pred_info = steps.run("predict", 0.05, _probability, tomo, cfg, out, input_sha, model)
+
+    intensity = tomo.asarray(np.float32)
+    if pred_info.get("inverted"):
+        intensity = -intensity  # post-processing expects dense = dark
+    if cyto is not None:
+        prob = steps.run("restrict", 0.6, restrict_probability, prob, cyto)
+
+    if cfg.threshold is None:
+        lo, hi, step = cfg.threshold_range
+        grid = np.round(np.arange(lo, hi + step / 2, step), 6)
+        th = steps.run("global_threshold", 0.65, global_threshold, prob, intensity, grid)
+        threshold = float(th.threshold)
+    else:
+        threshold = float(cfg.threshold)
+
+    stage_labels: dict[str, np.ndarray] = {}
+    if keep_stages:
+        import cc3d
+
+        stage_labels["global_threshold"] = cc3d.connected_components(prob > threshold, connectivity=6)
+    labels, rej_adaptive = steps.run(
+        "adaptive", 0.7, label_vesicles, prob, threshold, vs, min_radius_nm=cfg.min_radius_nm
+    )
+    if keep_stages:
+        stage_labels["adaptive"] = labels.copy()
+    spheres, rej_fit = steps.run("spheres", 0.8, fit_spheres, intensity, labels, vs)
+    if keep_stages:
+        stage_labels["spheres"] = spheres.to_labels(tomo.shape)
+    vesicles, rej_repair = steps.run(
+        "outliers",
+        0.9,
+        repair,
+        spheres,
+        intensity,
+        min_radius_nm=cfg.min_radius_nm,
+        p_threshold=cfg.max_mahalanobis_p,
+        min_correlation=cfg.min_profile_correlation,
+    )
+    rej_region = None
+    if cyto is not None:
+        vesicles, rej_region = steps.run("region", 0.93, vesicles_in_region, vesicles, cyto)
+    vesicles = _renumber(vesicles)
+    final_labels = steps.run("render", 0.95, vesicles.to_labels, tomo.shape)
+    rejected = _rejected_frame(rej_adaptive, rej_fit, rej_repair, rej_region)
+
+    manifest: dict[str, Any] = {
+        "cryoves_version": __version__,
+        "command": "segment",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "inputs": {
+            "tomogram": str(tomo.path) if tomo.path else None,
+            "sha256": input_sha,
+            "shape": list(tomo.shape),
+            "voxel_size_a": list(tomo.voxel_size),
+            "origin_a": list(tomo.origin),
+        },
+        "parameters": cfg.to_dict(),
+        "prediction": _jsonable(pred_info),
+        "threshold": threshold,
+        "n_vesicles": len(vesicles),
+        "n_rejected": int(len(rejected)),
+        "timings_s": steps.timings,
+        "outputs": {},
+    }
+    if out is not None:
+        _write_outputs(out, tomo, vesicles, rejected, prob, final_labels, cyto, az, manifest, steps)
+        if cfg.report and tomo.path is not None:
+            steps.run("report", 0.99, _write_report, out)
+    return SegmentResult(vesicles, rejected, prob, final_labels, manifest, out, stage_labels)
+
+
+def _renumber(table: VesicleTable) -> VesicleTable:
+    df = table.df.sort_values(["z", "y", "x"]).reset_index(drop=True)
+    df["id"] = np.arange(1, len(df) + 1)
+    return table.with_df(df)
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _write_outputs(
+    out: Path,
+    tomo: Tomogram,
+    vesicles: VesicleTable,
+    rejected: pd.DataFrame,
+    prob: np.ndarray,
+    labels: np.ndarray,
+    cyto: np.ndarray | None,
+    az: np.ndarray | None,
+    manifest: dict[str, Any],
+    steps: _Steps,
+) -> None:
+    from cryoves.io.imod import write_vesicles_mod
+    from cryoves.io.tables import write_vesicles
+
+    # An older manifest would make a half-rewritten folder look complete: remove it first.
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    f = OUTPUT_FILES
+    vs, origin = tomo.voxel_size, tomo.origin
+    vesicles.write_csv(out / f["vesicles"])
+    write_vesicles(out / f["star"], vesicles)
+    write_vesicles_mod(out / f["mod"], vesicles, tomo.shape)
+    with atomic_path(out / f["rejected"]) as tmp:
+        rejected.to_csv(tmp, index=False, float_format="%.4f")
+    write_mrc(out / f["probability"], prob.astype(np.float32, copy=False), vs, origin)
+    write_mrc(out / f["labels"], labels, vs, origin)
+    written = [f["vesicles"], f["star"], f["mod"], f["rejected"], f["probability"], f["labels"]]
+    if cyto is not None or az is not None:
+        from cryoves.io.pyto import write_pyto_labels
+
+        write_pyto_labels(out / f["pyto"], vesicles, tomo.shape, cytoplasm=cyto, active_zone=az, voxel_size=vs, origin=origin)
+        written.append(f["pyto"])
+    if cyto is not None:
+        write_mrc(out / f["cytoplasm_mask"], cyto.astype(np.uint8), vs, origin)
+        written.append(f["cytoplasm_mask"])
+    if az is not None:
+        write_mrc(out / f["active_zone_mask"], az.astype(np.uint8), vs, origin)
+        written.append(f["active_zone_mask"])
+    steps.timings["write"] = round(time.perf_counter() - t0, 3)
+    manifest["timings_s"] = steps.timings
+    manifest["outputs"] = {name: file_sha256(out / name) for name in written}
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+
+
+def _write_report(out: Path) -> None:
+    """The QC report is a view of a complete result: a failure here is logged, the result stays valid."""
+    from cryoves.report import make_report
+
+    try:
+        make_report(out)
+    except Exception as exc:  # noqa: BLE001 - the report must never invalidate a finished segmentation
+        log.warning("QC report not written: %s (run 'cryoves report %s' to retry)", exc, out)
+
+
+def is_complete_result(outdir: str | os.PathLike) -> bool:
+    """True when ``outdir`` holds a manifest and every output it lists with a matching checksum."""
+    outdir = Path(outdir)
+    try:
+        manifest = json.loads((outdir / MANIFEST_NAME).read_text())
+        outputs = manifest["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return bool(outputs) and all(
+        (outdir / name).is_file() and file_sha256(outdir / name) == sha for name, sha in outputs.items()
+    )

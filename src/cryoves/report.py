@@ -1,0 +1,335 @@
+"""The QC report: one self-contained HTML file (PNGs embedded as data URIs) plus the PNGs.
+
+Built from a segmentation folder (``vesicles.csv``, ``rejected.csv``, ``manifest.json``) and the
+tomogram named in its manifest. Sections: orthogonal slices with vesicle outlines, a gallery of the
+worst-scored vesicles (central slices + radial profiles), radius histogram (nm), outlier scatter
+(radius × thickness × membrane density coloured by p-value), rejected candidates with reasons,
+per-step timings and parameters, the synapse analysis when an active zone is known, and, when
+ground truth is given, the evaluation table with misses and false positives marked on the slices.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cryoves.errors import InputError
+from cryoves.io.atomic import MANIFEST_NAME, atomic_path, write_text_atomic
+from cryoves.vesicles import VesicleTable
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "report.html"
+REPORT_DIR = "report"
+GALLERY_SIZE = 12
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    _plt().close(fig)
+    return path
+
+
+def _contrast(img: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(img, [1, 99])
+    return float(lo), float(hi if hi > lo else lo + 1)
+
+
+def _circles(ax: Any, table: pd.DataFrame, axis: int, index: float, color: str, lw: float = 1.0) -> None:
+    """Outline every sphere cut by the plane ``coord[axis] == index`` (display axes are the other two)."""
+    from matplotlib.patches import Circle
+
+    names = ["z", "y", "x"]
+    rows, cols = [n for k, n in enumerate(names) if k != axis]
+    d = table[names[axis]].to_numpy() - index
+    r = table["radius"].to_numpy()
+    cut = np.abs(d) < r
+    rr = np.sqrt(np.maximum(r[cut] ** 2 - d[cut] ** 2, 0))
+    for yy, xx, rad in zip(table[rows].to_numpy()[cut], table[cols].to_numpy()[cut], rr):
+        ax.add_patch(Circle((xx, yy), rad, fill=False, color=color, lw=lw))
+
+
+def plot_slices(
+    volume: np.ndarray,
+    vesicles: pd.DataFrame,
+    path: Path,
+    misses: pd.DataFrame | None = None,
+    false_positives: pd.DataFrame | None = None,
+    aspect_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> Path:
+    """Central XY, XZ and YZ slices with vesicle outlines (misses red, false positives orange)."""
+    plt = _plt()
+    zc, yc, xc = (s // 2 for s in volume.shape)
+    planes = [
+        ("XY (z = %d)" % zc, volume[zc], 0, zc),
+        ("XZ (y = %d)" % yc, volume[:, yc, :], 1, yc),
+        ("YZ (x = %d)" % xc, volume[:, :, xc], 2, xc),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.5))
+    for ax, (title, img, axis, idx) in zip(axes, planes):
+        lo, hi = _contrast(img)
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        _circles(ax, vesicles, axis, idx, "#00e5ff")
+        if misses is not None and len(misses):
+            _circles(ax, misses, axis, idx, "red", 1.8)
+        if false_positives is not None and len(false_positives):
+            _circles(ax, false_positives, axis, idx, "orange", 1.8)
+        ax.set_title(title)
+        ax.set_axis_off()
+    fig.suptitle("vesicles (cyan)" + (", misses (red), false positives (orange)" if misses is not None else ""))
+    return _save(fig, path)
+
+
+def radial_profile(volume: np.ndarray, centre: np.ndarray, r_max: float, step: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Mean intensity in spherical shells of width ``step`` voxels around a sub-voxel ``centre``."""
+    lo = np.maximum(np.floor(centre - r_max).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + r_max).astype(int) + 1, volume.shape)
+    box = np.asarray(volume[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], dtype=np.float64)
+    grids = np.meshgrid(*(np.arange(a, b) - c for a, b, c in zip(lo, hi, centre)), indexing="ij")
+    dist = np.sqrt(sum(g**2 for g in grids))
+    bins = np.floor(dist / step).astype(int).ravel()
+    n = int(r_max / step) + 1
+    keep = bins < n
+    sums = np.bincount(bins[keep], weights=box.ravel()[keep], minlength=n)
+    counts = np.bincount(bins[keep], minlength=n)
+    prof = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return (np.arange(n) + 0.5) * step, prof
+
+
+def _qc_score(df: pd.DataFrame) -> pd.Series:
+    """Lower is worse: the p-value when present, else the profile correlation, else 1."""
+    if "p_value" in df and df["p_value"].notna().any():
+        return df["p_value"].fillna(1.0)
+    if "profile_correlation" in df and df["profile_correlation"].notna().any():
+        return df["profile_correlation"].fillna(1.0)
+    return pd.Series(np.ones(len(df)), index=df.index)
+
+
+def plot_gallery(volume: np.ndarray, vesicles: pd.DataFrame, path: Path, n: int = GALLERY_SIZE) -> Path:
+    """The ``n`` worst-scored vesicles: central XY and XZ slices with the fitted circle, and radial profile."""
+    plt = _plt()
+    worst = vesicles.assign(_score=_qc_score(vesicles)).sort_values("_score").head(n)
+    cols = 4
+    rows = max(1, int(np.ceil(len(worst) / cols)))
+    fig, axes = plt.subplots(rows, cols * 3, figsize=(cols * 6.3, rows * 2.2), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for k, (_, v) in enumerate(worst.iterrows()):
+        r, c = divmod(k, cols)
+        a_xy, a_xz, a_pr = axes[r, 3 * c], axes[r, 3 * c + 1], axes[r, 3 * c + 2]
+        centre = np.array([v.z, v.y, v.x])
+        half = int(np.ceil(v.radius * 1.6)) + 2
+        zi, yi, xi = (int(round(q)) for q in centre)
+        ys = slice(max(yi - half, 0), yi + half + 1)
+        xs = slice(max(xi - half, 0), xi + half + 1)
+        zs = slice(max(zi - half, 0), zi + half + 1)
+        zi_c = min(max(zi, 0), volume.shape[0] - 1)
+        yi_c = min(max(yi, 0), volume.shape[1] - 1)
+        for ax, img, (oy, ox), (cy, cx) in (
+            (a_xy, volume[zi_c, ys, xs], (ys.start, xs.start), (v.y, v.x)),
+            (a_xz, volume[zs, yi_c, xs], (zs.start, xs.start), (v.z, v.x)),
+        ):
+            if img.size == 0:
+                continue
+            lo, hi = _contrast(img)
+            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            from matplotlib.patches import Circle
+
+            ax.add_patch(Circle((cx - ox, cy - oy), v.radius, fill=False, color="#00e5ff", lw=1))
+        a_xy.set_title(f"id {int(v.id)} XY", fontsize=7)
+        a_xz.set_title("XZ", fontsize=7)
+        rr, prof = radial_profile(volume, centre, v.radius * 1.6)
+        a_pr.set_axis_on()
+        a_pr.plot(rr, prof, lw=1)
+        a_pr.axvline(v.radius, color="r", lw=0.8)
+        a_pr.set_title(f"r={v.radius:.1f} vx, score={v._score:.2g}", fontsize=7)
+        a_pr.tick_params(labelsize=6)
+    fig.suptitle("worst-scored vesicles (lowest p-value first): XY, XZ, radial profile (red: fitted radius)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_radius_histogram(vesicles: pd.DataFrame, path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    r = vesicles["radius_nm"].to_numpy()
+    if len(r):
+        ax.hist(r, bins=min(40, max(5, len(r) // 4)), color="#3a7bd5")
+        ax.axvline(np.median(r), color="k", ls="--", lw=1, label=f"median {np.median(r):.1f} nm")
+        ax.legend()
+    ax.set_xlabel("outer radius (nm)")
+    ax.set_ylabel("vesicles")
+    ax.set_title(f"radius distribution (n = {len(r)})")
+    return _save(fig, path)
+
+
+def plot_outliers(vesicles: pd.DataFrame, rejected: pd.DataFrame, path: Path) -> Path:
+    """Radius × membrane thickness × membrane density, coloured by the χ² p-value."""
+    plt = _plt()
+    fig = plt.figure(figsize=(6, 5))
+    ax = fig.add_subplot(projection="3d")
+    need = {"membrane_thickness_nm", "membrane_density"}
+    if need <= set(vesicles.columns) and len(vesicles):
+        p = vesicles["p_value"].to_numpy() if "p_value" in vesicles else np.ones(len(vesicles))
+        sc = ax.scatter(
+            vesicles["radius_nm"], vesicles["membrane_thickness_nm"], vesicles["membrane_density"],
+            c=p, cmap="viridis", vmin=0, vmax=1, s=12,
+        )
+        fig.colorbar(sc, ax=ax, shrink=0.6, label="p-value")
+        if len(rejected) and "step" in rejected and need <= set(rejected.columns):
+            out = rejected[rejected["step"] == "outliers"]
+            if len(out):
+                ax.scatter(
+                    out["radius"] * _nm_per_voxel(vesicles), out["membrane_thickness_nm"], out["membrane_density"],
+                    marker="x", color="red", s=20, label="removed outliers",
+                )
+                ax.legend()
+    ax.set_xlabel("radius (nm)")
+    ax.set_ylabel("thickness (nm)")
+    ax.set_zlabel("membrane density")
+    ax.set_title("outlier features")
+    return _save(fig, path)
+
+
+def _nm_per_voxel(df: pd.DataFrame) -> float:
+    ok = df["radius"] > 0
+    return float((df.loc[ok, "radius_nm"] / df.loc[ok, "radius"]).median()) if ok.any() else 1.0
+
+
+def _img_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def _table_html(df: pd.DataFrame, max_rows: int = 200) -> str:
+    if df is None or not len(df):
+        return "<p><em>none</em></p>"
+    more = f"<p>… {len(df) - max_rows} more rows in the CSV.</p>" if len(df) > max_rows else ""
+    return df.head(max_rows).to_html(index=False, float_format=lambda v: f"{v:.3g}", border=0, classes="t") + more
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1300px;color:#222}
+h1{margin-bottom:0} .sub{color:#666;margin-top:.2em} figure{margin:1em 0} img{max-width:100%}
+figcaption{color:#666;font-size:.85em} table.t{border-collapse:collapse;font-size:.85em}
+table.t td,table.t th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}
+.kpi{display:inline-block;margin:0 1.5em .5em 0}.kpi b{font-size:1.6em;display:block}
+section{margin-top:2em} pre{background:#f5f5f5;padding:1em;overflow:auto;font-size:.8em}
+"""
+
+
+def make_report(
+    outdir: str | os.PathLike,
+    *,
+    tomogram: str | os.PathLike | None = None,
+    ground_truth: str | os.PathLike | None = None,
+    analysis: bool = True,
+) -> Path:
+    """Write ``outdir/report.html`` and ``outdir/report/*.png`` for a segmentation folder; return the HTML path."""
+    from cryoves.io import read_tomogram
+
+    outdir = Path(outdir)
+    try:
+        manifest = json.loads((outdir / MANIFEST_NAME).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{outdir} holds no complete segmentation result (manifest.json unreadable): {exc}") from exc
+    vs = manifest["inputs"]["voxel_size_a"][2]
+    table = VesicleTable.read_csv(outdir / "vesicles.csv", voxel_size=vs)
+    rejected = pd.read_csv(outdir / "rejected.csv") if (outdir / "rejected.csv").exists() else pd.DataFrame()
+    tomo_path = tomogram or manifest["inputs"].get("tomogram")
+    if not tomo_path or not Path(tomo_path).exists():
+        raise InputError(f"tomogram {tomo_path} not found; pass --tomogram PATH")
+    volume = read_tomogram(tomo_path, voxel_size=vs).asarray()
+    if manifest.get("prediction", {}).get("inverted"):
+        volume = -volume  # show dense = dark, as the fits saw it
+    figdir = outdir / REPORT_DIR
+    figdir.mkdir(exist_ok=True)
+    df = table.df
+    misses = fps = None
+    eval_html = ""
+    if ground_truth is not None:
+        from cryoves.evaluate import evaluate
+
+        gt = VesicleTable.read_csv(ground_truth)
+        res = evaluate(table, gt, shape=volume.shape)
+        misses, fps = res.misses, res.false_positives
+        metrics = pd.DataFrame([res.metrics]).T.reset_index()
+        metrics.columns = ["metric", "value"]
+        eval_html = (
+            "<section><h2>Evaluation against ground truth</h2>" + _table_html(metrics)
+            + f"<h3>Misses ({len(misses)})</h3>" + _table_html(misses)
+            + f"<h3>False positives ({len(fps)})</h3>" + _table_html(fps) + "</section>"
+        )
+    figs = [
+        (plot_slices(volume, df, figdir / "slices.png", misses, fps), "orthogonal slices with vesicle outlines"),
+        (plot_gallery(volume, df, figdir / "gallery.png"), "worst-scored vesicles"),
+        (plot_radius_histogram(df, figdir / "radius_histogram.png"), "radius histogram"),
+        (plot_outliers(df, rejected, figdir / "outliers.png"), "outlier scatter"),
+    ]
+    analysis_html = ""
+    if analysis and (outdir / "active_zone_mask.mrc").exists():
+        analysis_html = _analysis_section(outdir, table, figdir)
+    reasons = rejected.groupby(["step", "reason"]).size().reset_index(name="count") if len(rejected) else pd.DataFrame()
+    timings = pd.DataFrame(sorted(manifest.get("timings_s", {}).items()), columns=["step", "seconds"])
+    kpis = "".join(
+        f'<span class="kpi"><b>{html.escape(str(v))}</b>{html.escape(k)}</span>'
+        for k, v in (
+            ("vesicles", len(df)),
+            ("rejected candidates", len(rejected)),
+            ("median radius (nm)", f"{df['radius_nm'].median():.1f}" if len(df) else "-"),
+            ("threshold", f"{manifest.get('threshold', float('nan')):.2f}"),
+            ("total time (s)", f"{sum(manifest.get('timings_s', {}).values()):.1f}"),
+        )
+    )
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>cryoves report: {html.escape(str(tomo_path))}</title>
+<style>{_CSS}</style></head><body>
+<h1>cryoves segmentation report</h1><p class="sub">{html.escape(str(tomo_path))} — cryoves {html.escape(str(manifest.get('cryoves_version')))}, {html.escape(str(manifest.get('created')))}</p>
+<div>{kpis}</div>
+<section><h2>Slices</h2>{_img_tag(figs[0][0], figs[0][1])}</section>
+{eval_html}
+<section><h2>Worst-scored vesicles</h2>{_img_tag(figs[1][0], figs[1][1])}</section>
+<section><h2>Radius and outlier features</h2>{_img_tag(figs[2][0], figs[2][1])}{_img_tag(figs[3][0], figs[3][1])}</section>
+{analysis_html}
+<section><h2>Rejected candidates ({len(rejected)})</h2>{_table_html(reasons)}<details><summary>all rejected candidates</summary>{_table_html(rejected)}</details></section>
+<section><h2>Timings</h2>{_table_html(timings)}</section>
+<section><h2>Parameters</h2><pre>{html.escape(json.dumps(manifest.get('parameters', {}), indent=2))}</pre>
+<h3>Prediction</h3><pre>{html.escape(json.dumps(manifest.get('prediction', {}), indent=2))}</pre></section>
+</body></html>"""
+    return write_text_atomic(outdir / REPORT_NAME, body)
+
+
+def _analysis_section(outdir: Path, table: VesicleTable, figdir: Path) -> str:
+    from cryoves.analysis import analyze, write_analysis
+    from cryoves.io import read_mrc
+
+    az = read_mrc(outdir / "active_zone_mask.mrc", validate=False).asarray(np.uint8) > 0
+    cyto = None
+    if (outdir / "cytoplasm_mask.mrc").exists():
+        cyto = read_mrc(outdir / "cytoplasm_mask.mrc", validate=False).asarray(np.uint8) > 0
+    res = analyze(table, az_mask=az, cytoplasm_mask=cyto)
+    written = write_analysis(res, outdir / "analysis")
+    pngs = [Path(p) for p in (written if isinstance(written, (list, tuple)) else []) if str(p).endswith(".png")]
+    if not pngs:
+        pngs = sorted((outdir / "analysis").glob("*.png"))
+    summary = getattr(res, "summary", None)
+    summary_html = _table_html(pd.DataFrame([summary]).T.reset_index()) if isinstance(summary, dict) else ""
+    return "<section><h2>Synapse analysis</h2>" + summary_html + "".join(_img_tag(p, p.stem) for p in pngs) + "</section>"

@@ -191,10 +191,19 @@ def local_cluster_size(n_items: int, cores: int | None = None, memory_gib: float
     return workers, max(1, cores // workers)
 
 
-def _set_torch_threads(n: int) -> None:
-    import torch
+def _torch_threads_plugin(n: int) -> Any:
+    """A worker plugin giving torch ``n`` threads, also in workers restarted after a crash."""
+    from distributed import WorkerPlugin
 
-    torch.set_num_threads(n)
+    class TorchThreads(WorkerPlugin):
+        name = "cryoves-torch-threads"
+
+        def setup(self, worker: Any) -> None:
+            import torch
+
+            torch.set_num_threads(n)
+
+    return TorchThreads()
 
 
 def make_client(
@@ -221,7 +230,7 @@ def make_client(
         n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=0
     )
     client = Client(cluster)
-    client.run(_set_torch_threads, torch_threads)
+    client.register_plugin(_torch_threads_plugin(torch_threads))
     log.info("local Dask cluster: %d workers x %d torch threads", workers, torch_threads)
     return client
 

@@ -420,8 +420,8 @@ def _write_outputs(
     if cyto is not None or az is not None:
         from cryoves.io.pyto import write_pyto_labels
 
-        write_pyto_labels(out / f["pyto"], vesicles, tomo.shape, cytoplasm=cyto, active_zone=az, voxel_size=vs, origin=origin)
-        written.append(f["pyto"])
+        _, ids_json = write_pyto_labels(out / f["pyto"], vesicles, tomo.shape, cytoplasm=cyto, active_zone=az, origin=origin)
+        written += [f["pyto"], ids_json.name]
     if cyto is not None:
         write_mrc(out / f["cytoplasm_mask"], cyto.astype(np.uint8), vs, origin)
         written.append(f["cytoplasm_mask"])

@@ -1,0 +1,141 @@
+"""End-to-end `segment` pipeline: outputs, manifest, caching, masks, cancellation, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from _sim_utils import probability_from_gt, small_sim
+from cryoves.cli import app
+from cryoves.errors import Cancelled, InputError, OutputExistsError
+from cryoves.io import write_mrc
+from cryoves.pipeline import OUTPUT_FILES, SegmentConfig, is_complete_result, segment
+
+
+@pytest.fixture(scope="module")
+def sim_files(tmp_path_factory):
+    sim = small_sim(0)
+    d = tmp_path_factory.mktemp("sim")
+    vs = sim.tomogram.voxel_size
+    write_mrc(d / "tomo.mrc", sim.tomogram.asarray(), vs)
+    write_mrc(d / "prob.mrc", probability_from_gt(sim.labels), vs)
+    write_mrc(d / "cyto.mrc", sim.cytoplasm_mask.astype(np.uint8), vs)
+    return sim, d
+
+
+def _cfg(d, **kw):
+    return SegmentConfig(from_probability=str(d / "prob.mrc"), report=False, **kw)
+
+
+def test_segment_writes_complete_result(sim_files, tmp_path):
+    from cryoves.evaluate import evaluate
+
+    sim, d = sim_files
+    out = tmp_path / "seg"
+    res = segment(d / "tomo.mrc", out, _cfg(d))
+    for key in ("vesicles", "star", "labels", "probability", "mod", "rejected"):
+        assert (out / OUTPUT_FILES[key]).is_file(), key
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["n_vesicles"] == len(res.vesicles)
+    assert set(man["timings_s"]) >= {"predict", "global_threshold", "adaptive", "spheres", "outliers"}
+    assert man["inputs"]["voxel_size_a"] == [22.0, 22.0, 22.0]
+    assert is_complete_result(out)
+    m = evaluate(res.vesicles, sim.vesicles, shape=sim.tomogram.shape).metrics
+    assert m["f1_centre"] >= 0.8, m
+    # labels are a rendering of the table
+    assert set(np.unique(res.labels)) - {0} == set(res.vesicles.ids)
+
+
+def test_segment_refuses_existing_result_and_force_overwrites(sim_files, tmp_path):
+    _, d = sim_files
+    out = tmp_path / "seg"
+    segment(d / "tomo.mrc", out, _cfg(d))
+    with pytest.raises(OutputExistsError, match="--force"):
+        segment(d / "tomo.mrc", out, _cfg(d))
+    segment(d / "tomo.mrc", out, _cfg(d), force=True)
+    assert is_complete_result(out)
+
+
+def test_incomplete_result_is_detected(sim_files, tmp_path):
+    _, d = sim_files
+    out = tmp_path / "seg"
+    segment(d / "tomo.mrc", out, _cfg(d))
+    (out / "labels.mrc").write_bytes(b"truncated")
+    assert not is_complete_result(out)
+
+
+def test_region_mask_really_removes_outside_vesicles(sim_files, tmp_path):
+    sim, d = sim_files
+    half = np.zeros(sim.tomogram.shape, np.uint8)
+    half[:, :, : sim.tomogram.shape[2] // 2] = 1
+    write_mrc(tmp_path / "half.mrc", half, sim.tomogram.voxel_size)
+    full = segment(d / "tomo.mrc", None, _cfg(d))
+    cut = segment(d / "tomo.mrc", tmp_path / "seg", _cfg(d, mask=str(tmp_path / "half.mrc")))
+    assert len(cut.vesicles) < len(full.vesicles)
+    assert (cut.vesicles.df["x"] < sim.tomogram.shape[2] / 2 + 1).all()
+    assert (tmp_path / "seg" / "pyto_labels.mrc").is_file()
+
+
+def test_mask_of_wrong_shape_is_refused(sim_files, tmp_path):
+    _, d = sim_files
+    write_mrc(tmp_path / "bad.mrc", np.ones((4, 5, 6), np.uint8), 22.0)
+    with pytest.raises(InputError, match="shape"):
+        segment(d / "tomo.mrc", None, _cfg(d, mask=str(tmp_path / "bad.mrc")))
+
+
+def test_cancel_raises_and_writes_nothing_complete(sim_files, tmp_path):
+    _, d = sim_files
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(Cancelled):
+        segment(d / "tomo.mrc", tmp_path / "seg", _cfg(d), should_stop=stop)
+    assert not (tmp_path / "seg" / "manifest.json").exists()
+
+
+def test_probability_cache_skips_network_on_late_parameter_change(sim_files, tmp_path, monkeypatch):
+    import cryoves.predict as predict_mod
+    from cryoves.model import ModelInfo, UNet3D
+
+    sim, d = sim_files
+    calls = []
+
+    class _Res:
+        def __init__(self, prob):
+            self.prob = prob
+            self.info = {"inverted": False}
+
+    def fake_predict(tomo, model, **kw):
+        calls.append(kw)
+        return _Res(probability_from_gt(sim.labels))
+
+    monkeypatch.setattr(predict_mod, "predict_tomogram", fake_predict)
+    net = UNet3D()
+    model = type("M", (), {"net": net, "info": ModelInfo(name="fake", sha256="abc")})()
+    out = tmp_path / "seg"
+    cfg = SegmentConfig(report=False)
+    segment(d / "tomo.mrc", out, cfg, model=model)
+    segment(d / "tomo.mrc", out, SegmentConfig(report=False, min_radius_nm=14.0), model=model, force=True)
+    assert len(calls) == 1
+    segment(d / "tomo.mrc", out, SegmentConfig(report=False, tta=2), model=model, force=True)
+    assert len(calls) == 2  # a network parameter changed: predicted again
+
+
+def test_cli_segment_and_errors(sim_files, tmp_path):
+    _, d = sim_files
+    runner = CliRunner()
+    out = tmp_path / "seg"
+    r = runner.invoke(app, ["segment", str(d / "tomo.mrc"), "-o", str(out), "--from-probability", str(d / "prob.mrc")])
+    assert r.exit_code == 0, r.output
+    assert "vesicles" in r.output
+    r = runner.invoke(app, ["segment", str(d / "tomo.mrc"), "-o", str(out), "--from-probability", str(d / "prob.mrc")])
+    assert r.exit_code == 2
+    assert "--force" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["segment", str(tmp_path / "missing.mrc"), "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "not found" in r.output

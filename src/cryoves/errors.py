@@ -37,3 +37,7 @@ class ParameterError(CryovesError):
 
 class ResourceError(CryovesError):
     """Not enough memory (or another resource) for the requested settings."""
+
+
+class Cancelled(CryovesError):
+    """A long-running step was cancelled by the caller (e.g. the napari widget)."""

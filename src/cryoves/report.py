@@ -326,7 +326,7 @@ def _analysis_section(outdir: Path, table: VesicleTable, figdir: Path) -> str:
     if (outdir / "cytoplasm_mask.mrc").exists():
         cyto = read_mrc(outdir / "cytoplasm_mask.mrc", validate=False).asarray(np.uint8) > 0
     res = analyze(table, az_mask=az, cytoplasm_mask=cyto)
-    written = write_analysis(res, outdir / "analysis")
+    written = write_analysis(res, outdir / "analysis", force=True)  # a derived view: always refreshed
     pngs = [Path(p) for p in (written if isinstance(written, (list, tuple)) else []) if str(p).endswith(".png")]
     if not pngs:
         pngs = sorted((outdir / "analysis").glob("*.png"))

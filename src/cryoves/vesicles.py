@@ -84,6 +84,15 @@ class VesicleTable:
             df["id"] = df["id"].astype(np.int64)
         except (ValueError, TypeError) as exc:
             raise FormatError(f"vesicle ids must be integers: {exc}") from exc
+        for c, kind in QC_COLUMNS.items():
+            if c in df.columns and kind is float:
+                num = pd.to_numeric(df[c], errors="coerce")
+                if (num.isna() & df[c].notna()).any():
+                    bad = df.loc[num.isna() & df[c].notna(), c].iloc[0]
+                    raise FormatError(f"vesicle table column {c} holds a non-numeric value {bad!r}")
+                df[c] = num.astype(float)
+            elif c in df.columns:
+                df[c] = df[c].fillna("").astype(str)
         vals = df[["z", "y", "x", "radius"]].to_numpy()
         if len(df) and not np.isfinite(vals).all():
             raise FormatError("vesicle table has missing or non-numeric centre/radius values")
@@ -165,13 +174,26 @@ class VesicleTable:
 
 
 def _voxel_size_from_nm_columns(df: pd.DataFrame, path: Path) -> float:
-    if "radius_nm" in df.columns and "radius" in df.columns and len(df):
-        r = pd.to_numeric(df["radius"], errors="coerce").to_numpy(float)
-        rn = pd.to_numeric(df["radius_nm"], errors="coerce").to_numpy(float)
-        ok = np.isfinite(r) & np.isfinite(rn) & (r > 0)
-        if ok.any():
-            return float(np.median(rn[ok] / r[ok]) * 10.0)
-    raise VoxelSizeError(f"{path}: cannot tell the voxel size (no radius_nm column); pass --voxel-size")
+    """Voxel size (Å) from the ratio of the nm to the voxel columns; refuses inconsistent rows."""
+    pairs = []
+    for c in ("z", "y", "x", "radius"):
+        if c in df.columns and f"{c}_nm" in df.columns and len(df):
+            v = pd.to_numeric(df[c], errors="coerce").to_numpy(float)
+            vn = pd.to_numeric(df[f"{c}_nm"], errors="coerce").to_numpy(float)
+            ok = np.isfinite(v) & np.isfinite(vn) & (np.abs(v) > 1e-3)
+            pairs.append((v[ok], vn[ok]))
+    v = np.concatenate([p[0] for p in pairs]) if pairs else np.zeros(0)
+    vn = np.concatenate([p[1] for p in pairs]) if pairs else np.zeros(0)
+    if v.size == 0:
+        raise VoxelSizeError(f"{path}: cannot tell the voxel size (no *_nm columns); pass --voxel-size ANGSTROM")
+    vs_nm = float(np.median(vn / v))
+    # the CSV holds 4 decimals: allow that rounding (in nm), nothing more
+    if np.any(np.abs(vn - vs_nm * v) > 1e-3 + 1e-4 * vs_nm):
+        raise FormatError(
+            f"{path}: the nm columns disagree with the voxel columns (no single voxel size); "
+            "fix the file or pass --voxel-size ANGSTROM"
+        )
+    return vs_nm * 10.0
 
 
 def render_labels(
@@ -222,3 +244,41 @@ def render_labels(
             inside[zz[keep_old], yy[keep_old], xx[keep_old]] = False
         box[inside] = ids[k]
     return labels
+
+
+def labels_to_table(labels: np.ndarray, voxel_size: float, *, min_id: int = 1) -> VesicleTable:
+    """Fit one sphere per label of an instance label volume (z, y, x) → :class:`VesicleTable`.
+
+    Approximation: the centre is the centroid of the label's voxels (voxel centres at integer
+    coordinates) and the radius the equal-volume radius ``(3 n / 4π)^(1/3)`` of its ``n`` voxels.
+    Exact for filled balls up to discretisation; non-spherical objects, hollow (membrane-only)
+    labels and balls cut by the volume border get a smaller or shifted sphere. Labels below
+    ``min_id`` (background 0; e.g. 10 for pyto files, whose 1 and 2 are regions) are ignored;
+    ids are kept. One pass over the volume (``cc3d.statistics``), no per-label passes.
+    """
+    import cc3d
+
+    arr = np.asarray(labels)
+    if arr.ndim != 3:
+        raise InputError(f"label volume must be 3-D (z, y, x), got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise FormatError(f"label volume must hold integers, got {arr.dtype}")
+    if arr.size == 0 or int(arr.max()) < min_id:
+        return VesicleTable.empty(voxel_size)
+    if arr.dtype.kind == "i":
+        if int(arr.min()) < 0:
+            raise FormatError("label volume holds negative values")
+        arr = arr.astype(np.uint32 if int(arr.max()) <= np.iinfo(np.uint32).max else np.uint64)
+    top = int(arr.max())
+    if top > 50_000_000:  # sparse huge ids: compact first so the statistics arrays stay small
+        uniq, inverse = np.unique(arr, return_inverse=True)
+        stats = cc3d.statistics(inverse.reshape(arr.shape).astype(np.uint32))
+        ids = uniq
+    else:
+        stats = cc3d.statistics(arr)
+        ids = np.arange(top + 1)
+    counts = np.asarray(stats["voxel_counts"], dtype=np.int64)
+    keep = (counts > 0) & (ids >= min_id)
+    centres = np.asarray(stats["centroids"], dtype=float)[keep]
+    radii = np.cbrt(3.0 * counts[keep] / (4.0 * np.pi))
+    return VesicleTable.from_spheres(centres, radii, voxel_size, ids=ids[keep].astype(np.int64))

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,8 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     try:
         yield tmp_path
         _fsync(tmp_path)
+        if tmp_path.is_file():
+            os.chmod(tmp_path, _FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask mode
         os.replace(tmp_path, target)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
@@ -54,6 +57,45 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to ``target``; on success it replaces ``target``.
+
+    For folder-shaped outputs (OME-Zarr). An existing ``target`` is moved aside first and removed
+    only after the new folder is in place; on any exception the temporary folder is removed.
+    """
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise _as_output_error(exc, target) from exc
+    try:
+        yield tmp_path
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / "x")
+        os.replace(tmp_path, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        raise _as_output_error(exc, target) from exc
+    except BaseException:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        raise
+
+
+def _umask_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _umask_file_mode()
 
 
 def _fsync(path: Path) -> None:
@@ -107,5 +149,5 @@ def check_file_output(target: str | os.PathLike, *, force: bool = False) -> Path
     """Refuse to overwrite an existing single-file output unless ``force``."""
     target = Path(target)
     if target.exists() and not force:
-        raise OutputExistsError(f"{target} exists; pass --force to overwrite it or choose another --output")
+        raise OutputExistsError(f"{target} exists; pass --force to overwrite it or choose another output path")
     return target

@@ -1,4 +1,9 @@
-"""MRC/REC reading (memory-mapped) and atomic writing with voxel size and origin."""
+"""MRC/REC reading (memory-mapped) and atomic writing with voxel size and origin.
+
+Modes read: 0 (int8; uint8 when an IMOD header says the bytes are unsigned), 1 (int16),
+2 (float32), 6 (uint16), 12 (float16). ``write_mrc`` stores uint8 as mode 6 (uint16), like
+``mrcfile`` does, because mode-0 files are read as signed by most MRC2014 readers.
+"""
 
 from __future__ import annotations
 
@@ -18,43 +23,111 @@ log = logging.getLogger(__name__)
 
 #: dtypes mrcfile can store natively; others are converted to the nearest one on write.
 _WRITE_DTYPES = {np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.float16, np.float32)}
+_MODE_DTYPES = {0: np.int8, 1: np.int16, 2: np.float32, 6: np.uint16, 12: np.float16}
+#: IMOD writes this stamp in the header; its flag bit 0 then says whether mode-0 bytes are signed.
+_IMOD_STAMP = 1146047817
+_HEADER_BYTES = 1024
 
 
 def read_mrc(path: str | Path, voxel_size: Any = None, *, mmap: bool = True, validate: bool = True) -> Tomogram:
     """Read an MRC/REC file as a :class:`Tomogram` (memory-mapped, read-only, (z, y, x)).
 
     ``voxel_size`` (Å, scalar or (z, y, x)) overrides the header. The header value is validated
-    (see :func:`~cryoves.io.tomogram.validate_voxel_size`) unless overridden.
+    (see :func:`~cryoves.io.tomogram.validate_voxel_size`) unless overridden. With
+    ``validate=False`` neither the data (NaN/Inf, 3-D) nor the voxel size is checked; problems are
+    listed in ``Tomogram.header_notes`` instead (used by ``cryoves info``).
+    Truncated files, wrong header sizes and unknown modes raise :class:`FormatError`.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"file not found: {path}")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not an MRC file")
     notes: list[str] = []
+    _check_size(path)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if mmap:
-                mrc = mrcfile.mmap(path, mode="r", permissive=False)
-            else:
-                mrc = mrcfile.open(path, mode="r", permissive=False)
+            opener = mrcfile.mmap if mmap else mrcfile.open
+            try:
+                mrc = opener(path, mode="r", permissive=False)
+            except ValueError as exc:
+                if "Map ID" not in str(exc):
+                    raise
+                # pre-MRC2014 writers omit the 'MAP ' id; the rest of the header is usually fine
+                mrc = opener(path, mode="r", permissive=True)
+                notes.append("header lacks the 'MAP ' id string (old or non-standard writer)")
         notes.extend(str(w.message) for w in caught)
     except (ValueError, OSError, EOFError) as exc:
         raise FormatError(f"{path} is not a valid MRC file: {exc}") from exc
     data = mrc.data
     if data is None:
-        raise FormatError(f"{path} is not a valid MRC file: header only, no data")
-    if data.ndim == 2:
-        raise InputError(f"{path} holds a 2-D image with shape {data.shape}; a tomogram must be 3-D (z, y, x)")
+        raise FormatError(f"{path} is not a valid MRC file: no readable data block (mode {int(mrc.header.mode)})")
+    header = mrc.header
+    if int(header.mode) == 0 and _bytes_unsigned(header):
+        data = data.view(np.uint8)
+        notes.append("mode 0 with IMOD 'unsigned bytes' flag: read as uint8")
+    data = _to_zyx(data, header, notes)
+    if data.ndim != 3:
+        msg = f"{path} holds a {data.ndim}-D array with shape {data.shape}; a tomogram must be 3-D (z, y, x)"
+        if validate:
+            raise InputError(msg)
+        notes.append(msg)
     header_vs = (float(mrc.voxel_size.z), float(mrc.voxel_size.y), float(mrc.voxel_size.x))
-    origin = (float(mrc.header.origin.z), float(mrc.header.origin.y), float(mrc.header.origin.x))
-    if validate:
-        validate_volume(data, source=str(path))
+    origin = (float(header.origin.z), float(header.origin.y), float(header.origin.x))
     if voxel_size is not None:
         vs = validate_voxel_size(voxel_size, source="--voxel-size option")
-        notes.append(f"header voxel size {header_vs} Å overridden by {vs} Å")
-    else:
+        notes.append(f"header voxel size (z, y, x) {header_vs} Å overridden by {vs} Å")
+    elif validate:
         vs = validate_voxel_size(header_vs, source=f"header of {path.name}")
+    else:
+        vs = header_vs
+    if validate:
+        validate_volume(data, source=str(path))
     return Tomogram(data=data, voxel_size=vs, origin=origin, path=path, header_notes=notes)
+
+
+def _check_size(path: Path) -> None:
+    """Compare the file size with the header (clearer message than mrcfile's mmap error)."""
+    size = path.stat().st_size
+    if size < _HEADER_BYTES:
+        raise FormatError(f"{path} is not a valid MRC file: {size} bytes, shorter than the 1024-byte header")
+    raw = np.fromfile(path, dtype=np.uint8, count=_HEADER_BYTES)
+    for order in ("<", ">"):
+        ints = raw[:96].view(f"{order}i4")
+        nx, ny, nz, mode = (int(v) for v in ints[:4])
+        nsymbt = int(ints[23])
+        if mode in _MODE_DTYPES and min(nx, ny, nz) >= 0 and nsymbt >= 0:
+            break
+    else:
+        raise FormatError(f"{path} is not a valid MRC file: unknown data mode {int(raw[12:16].view('<i4')[0])}")
+    expected = _HEADER_BYTES + nsymbt + nx * ny * nz * np.dtype(_MODE_DTYPES[mode]).itemsize
+    if size < expected:
+        raise FormatError(
+            f"{path} is truncated or its header is wrong: header says {nz}x{ny}x{nx} voxels of mode {mode} "
+            f"after a {nsymbt}-byte extended header ({expected} bytes), but the file has {size} bytes"
+        )
+
+
+def _bytes_unsigned(header: Any) -> bool:
+    extra2 = bytes(np.asarray(header.extra2).tobytes())
+    order = "<" if header.mode.dtype.byteorder in "<=|" else ">"
+    stamp = int(np.frombuffer(extra2[40:44], dtype=f"{order}i4")[0])
+    flags = int(np.frombuffer(extra2[44:48], dtype=f"{order}i4")[0])
+    return stamp == _IMOD_STAMP and not (flags & 1)
+
+
+def _to_zyx(data: np.ndarray, header: Any, notes: list[str]) -> np.ndarray:
+    """Apply the MAPC/MAPR/MAPS axis mapping so that the array axes are (z, y, x)."""
+    axes = (int(header.maps), int(header.mapr), int(header.mapc))
+    if data.ndim != 3 or axes == (3, 2, 1) or sorted(axes) != [1, 2, 3]:
+        if data.ndim == 3 and sorted(axes) != [1, 2, 3] and axes != (0, 0, 0):
+            notes.append(f"invalid axis mapping MAPC/MAPR/MAPS = {axes[::-1]}; assumed 1/2/3")
+        return data
+    # axis i of the array holds the file axis axes[i] (1 = x, 2 = y, 3 = z)
+    order = tuple(axes.index(a) for a in (3, 2, 1))
+    notes.append(f"axis mapping MAPC/MAPR/MAPS = {axes[::-1]}; transposed to (z, y, x)")
+    return data.transpose(order)
 
 
 def write_mrc(
@@ -66,13 +139,15 @@ def write_mrc(
     """Write ``data`` (z, y, x) to ``path`` atomically with voxel size and origin (Å, (z, y, x)).
 
     bool/int32/int64/uint32 data are stored as the smallest MRC integer mode that holds them
-    (error if none does); float64 is stored as float32.
+    (error if none does); float64 is stored as float32; uint8 becomes mode 6 (uint16).
     """
     arr = np.asarray(data)
     arr = _to_mrc_dtype(arr, path)
     vz, vy, vx = (float(v) for v in np.broadcast_to(np.asarray(voxel_size, dtype=float), (3,)))
     oz, oy, ox = (float(v) for v in np.broadcast_to(np.asarray(origin, dtype=float), (3,)))
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        # NaN data is written as given (tests, masks); the header stats are then NaN
+        warnings.filterwarnings("ignore", "Data array contains NaN", RuntimeWarning)
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(np.ascontiguousarray(arr))
             mrc.voxel_size = (vx, vy, vz)

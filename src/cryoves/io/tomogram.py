@@ -82,6 +82,11 @@ def validate_volume(data: Any, source: str = "volume", check_finite: bool = True
         raise InputError(f"{source} is {kind} with shape {shape}; a tomogram must be 3-D (z, y, x)")
     if 0 in shape:
         raise InputError(f"{source} is empty (shape {shape})")
+    if 1 in shape:
+        raise InputError(
+            f"{source} has shape {shape}, a single section or line, i.e. a 2-D image; "
+            "a tomogram must be 3-D (z, y, x) with at least 2 voxels per axis"
+        )
     dtype = np.dtype(data.dtype)
     if dtype.kind not in "iuf":
         raise InputError(f"{source} has unsupported data type {dtype}; expected integers or floats")
@@ -93,13 +98,48 @@ def validate_volume(data: Any, source: str = "volume", check_finite: bool = True
             )
 
 
-def _count_nonfinite(data: Any, slab: int = 16) -> int:
+def _count_nonfinite(data: Any) -> int:
     """Count NaN/Inf voxels slab by slab (memory-mapped data is never loaded whole)."""
-    bad = 0
-    for z0 in range(0, data.shape[0], slab):
-        block = np.asarray(data[z0 : z0 + slab])
-        bad += int(block.size - np.count_nonzero(np.isfinite(block)))
-    return bad
+    return value_stats(data)["nonfinite"]
+
+
+def _slab_depth(shape: tuple[int, ...], itemsize: int, budget_bytes: int = 64 * 2**20) -> int:
+    plane = int(np.prod(shape[1:])) * max(itemsize, 4)
+    return max(1, budget_bytes // max(plane, 1))
+
+
+def value_stats(data: Any) -> dict[str, Any]:
+    """Min, max, mean, std of the finite voxels and the number of NaN/Inf voxels.
+
+    Computed slab by slab along z (≈64 MiB at a time), so memory-mapped or lazy (zarr) volumes
+    are never loaded whole. Returns a dict with keys ``min, max, mean, std, nonfinite``
+    (``min``/``max``/``mean``/``std`` are NaN when no voxel is finite).
+    """
+    shape = tuple(int(s) for s in data.shape)
+    dtype = np.dtype(data.dtype)
+    depth = _slab_depth(shape, dtype.itemsize)
+    lo, hi, n, total, total2, bad = np.inf, -np.inf, 0, 0.0, 0.0, 0
+    for z0 in range(0, shape[0] if shape else 0, depth):
+        block = np.asarray(data[z0 : z0 + depth])
+        if dtype.kind == "f":
+            finite = np.isfinite(block)
+            nfin = int(np.count_nonzero(finite))
+            bad += int(block.size - nfin)
+            if nfin < block.size:
+                block = block[finite]
+        if block.size == 0:
+            continue
+        b64 = block.astype(np.float64, copy=False)
+        lo, hi = min(lo, float(b64.min())), max(hi, float(b64.max()))
+        n += b64.size
+        total += float(b64.sum())
+        total2 += float(np.square(b64).sum())
+    if n == 0:
+        return {"min": float("nan"), "max": float("nan"), "mean": float("nan"), "std": float("nan"),
+                "nonfinite": bad}
+    mean = total / n
+    std = math.sqrt(max(total2 / n - mean * mean, 0.0))
+    return {"min": lo, "max": hi, "mean": mean, "std": std, "nonfinite": bad}
 
 
 @dataclass

@@ -1,0 +1,73 @@
+"""Helpers shared by the post-processing steps: the rejected-vesicles table and unit checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+
+from cryoves.errors import InputError, ParameterError, VoxelSizeError
+
+#: Columns of every rejected-vesicles table (centre and radius in voxels, NaN when unknown).
+REJECTED_COLUMNS = ["id", "z", "y", "x", "radius", "step", "reason"]
+
+
+def rejected_frame(
+    ids: Iterable[int] = (),
+    centres: np.ndarray | None = None,
+    radii: Iterable[float] | None = None,
+    step: str = "",
+    reasons: str | Iterable[str] = "",
+) -> pd.DataFrame:
+    """Build a rejected-vesicles table; ``centres`` (N, 3) in voxels (z, y, x), ``radii`` in voxels."""
+    ids = np.asarray(list(ids), dtype=np.int64)
+    n = len(ids)
+    c = np.full((n, 3), np.nan) if centres is None else np.asarray(centres, dtype=float).reshape(n, 3)
+    r = np.full(n, np.nan) if radii is None else np.asarray(list(radii), dtype=float).reshape(n)
+    reasons = [reasons] * n if isinstance(reasons, str) else list(reasons)
+    return pd.DataFrame(
+        {"id": ids, "z": c[:, 0], "y": c[:, 1], "x": c[:, 2], "radius": r, "step": [step] * n, "reason": reasons},
+        columns=REJECTED_COLUMNS,
+    )
+
+
+def concat_rejected(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate rejected tables, keeping the column order (an empty list gives an empty table)."""
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return rejected_frame()
+    out = pd.concat(frames, ignore_index=True)
+    return out[REJECTED_COLUMNS]
+
+
+def check_voxel_size(voxel_size_a: float) -> float:
+    """Validate a voxel size in Å and return it as float."""
+    try:
+        v = float(voxel_size_a)
+    except (TypeError, ValueError) as exc:
+        raise VoxelSizeError(f"voxel size must be a number in Å, got {voxel_size_a!r}") from exc
+    if not np.isfinite(v) or v <= 0:
+        raise VoxelSizeError(f"voxel size must be a positive number of Å, got {voxel_size_a!r}; pass --voxel-size")
+    return v
+
+
+def check_volume(arr: np.ndarray, name: str) -> np.ndarray:
+    """Return ``arr`` as an ndarray after checking it is a 3D (z, y, x) volume."""
+    arr = np.asarray(arr)
+    if arr.ndim != 3:
+        raise InputError(f"{name} must be a 3D (z, y, x) volume, got shape {arr.shape}")
+    if arr.size == 0:
+        raise InputError(f"{name} is empty (shape {arr.shape})")
+    return arr
+
+
+def check_same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise InputError(f"{name_a} shape {a.shape} differs from {name_b} shape {b.shape}; resample one to the other")
+
+
+def check_positive(value: float, name: str) -> float:
+    if not np.isfinite(value) or value <= 0:
+        raise ParameterError(f"{name} must be positive, got {value!r}")
+    return float(value)

@@ -1,0 +1,258 @@
+"""Preprocessing for the network: resampling to the model grid and back, normalisation, polarity.
+
+Arrays are (z, y, x) float32 throughout (no integer casts). Resampling maps voxel *centres*
+so that input and output cover the same physical extent: output voxel j along an axis of
+n → m voxels sits at input coordinate (j + ½)·n/m − ½. Going to the model grid and back with
+:func:`from_model_grid` is therefore aligned to sub-voxel precision.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from cryoves.errors import InputError, ParameterError
+from cryoves.io.tomogram import Tomogram
+
+log = logging.getLogger(__name__)
+
+#: Number of voxels a resampling chunk reads at most (input side), ~64 MiB of float32.
+_CHUNK_VOXELS = 1 << 24
+
+
+def _axis_coords(n: int, m: int) -> np.ndarray:
+    """Input coordinates of the m output voxel centres (extent-aligned)."""
+    return (np.arange(m, dtype=np.float64) + 0.5) * (n / m) - 0.5
+
+
+def _interp_axis(a: np.ndarray, axis: int, coords: np.ndarray, order: int) -> np.ndarray:
+    """Sample ``a`` along ``axis`` at float ``coords`` (edge values beyond the ends)."""
+    n = a.shape[axis]
+    shape = [1] * a.ndim
+    shape[axis] = coords.size
+    if order == 0:
+        idx = np.clip(np.floor(coords + 0.5), 0, n - 1).astype(np.intp)
+        return np.take(a, idx, axis=axis)
+    x = np.clip(coords, 0, n - 1)
+    i0 = np.clip(np.floor(x), 0, max(n - 2, 0)).astype(np.intp)
+    w = (x - i0).astype(np.float32).reshape(shape)
+    lo = np.take(a, i0, axis=axis)
+    if n == 1:
+        return lo
+    hi = np.take(a, i0 + 1, axis=axis)
+    hi -= lo
+    hi *= w
+    lo += hi
+    return lo
+
+
+def _aa_sigma(n: int, m: int) -> float:
+    """Anti-aliasing Gaussian σ (input voxels) when shrinking n → m (0 when enlarging)."""
+    return max(0.0, (n / m - 1.0) / 2.0)
+
+
+def _target_shape(shape: Sequence[int], factor_or_shape: Any) -> tuple[int, int, int]:
+    arr = np.atleast_1d(np.asarray(factor_or_shape))
+    if arr.size == 3 and np.issubdtype(arr.dtype, np.integer):
+        out = tuple(int(v) for v in arr)
+    else:
+        f = np.broadcast_to(arr.astype(float), (3,))
+        if not np.all(np.isfinite(f)) or np.any(f <= 0):
+            raise ParameterError(f"resampling factor must be positive, got {factor_or_shape!r}")
+        out = tuple(max(1, int(round(s * fi))) for s, fi in zip(shape, f, strict=True))
+    if any(v < 1 for v in out):
+        raise ParameterError(f"target shape {out} must be at least 1 voxel per axis")
+    return out  # type: ignore[return-value]
+
+
+def resample(
+    volume: Any,
+    factor_or_shape: Any,
+    order: int = 1,
+    antialias: bool = True,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Resample a (z, y, x) volume by a factor (scalar or per axis) or to a target shape.
+
+    A float factor f gives shape ``round(n·f)``; an integer 3-tuple is the target shape.
+    ``order`` 0 (nearest) or 1 (linear, separable = trilinear). With ``antialias`` a Gaussian
+    of σ = (n/m − 1)/2 input voxels is applied along each shrunk axis first. Voxel centres are
+    aligned (see the module docstring). The input may be a memory map or any array-like: it is
+    read in z-chunks, and ``out`` (e.g. a ``np.memmap``) receives the float32 result chunk by
+    chunk, so memory stays bounded by ``out`` plus one chunk.
+    """
+    if order not in (0, 1):
+        raise ParameterError(f"resampling order must be 0 or 1, got {order}")
+    shape = tuple(int(s) for s in volume.shape)
+    if len(shape) != 3:
+        raise InputError(f"resample needs a 3-D (z, y, x) volume, got shape {shape}")
+    target = _target_shape(shape, factor_or_shape)
+    if out is None:
+        out = np.empty(target, dtype=np.float32)
+    elif tuple(out.shape) != target:
+        raise ParameterError(f"out has shape {out.shape}, expected {target}")
+    nz, mz = shape[0], target[0]
+    sig_z = _aa_sigma(nz, mz) if (antialias and order == 1) else 0.0
+    margin = (int(4.0 * sig_z + 0.5) + 1 if sig_z > 0 else 0) + 1
+    zc = _axis_coords(nz, mz)
+    plane = max(1, shape[1] * shape[2])
+    per_out = max(1.0, nz / mz)
+    step = max(1, int((_CHUNK_VOXELS / plane - 2 * margin) / per_out))
+    for j0 in range(0, mz, step):
+        j1 = min(mz, j0 + step)
+        c = np.clip(zc[j0:j1], 0, nz - 1)
+        i_lo = max(0, int(math.floor(c[0])) - margin)
+        i_hi = min(nz, int(math.floor(c[-1])) + 2 + margin)
+        block = np.asarray(volume[i_lo:i_hi], dtype=np.float32)
+        if sig_z > 0:
+            block = ndimage.gaussian_filter1d(block, sig_z, axis=0, mode="nearest")
+        if nz == mz:
+            block = block[j0 - i_lo : j1 - i_lo]
+        else:
+            block = _interp_axis(block, 0, zc[j0:j1] - i_lo, order)
+        for axis in (1, 2):
+            n, m = shape[axis], target[axis]
+            if n == m:
+                continue
+            if antialias and order == 1 and m < n:
+                block = ndimage.gaussian_filter1d(block, _aa_sigma(n, m), axis=axis, mode="nearest")
+            block = _interp_axis(block, axis, _axis_coords(n, m), order)
+        out[j0:j1] = block
+    return out
+
+
+def model_grid_scale(
+    tomo_voxel_size_a: float | Sequence[float],
+    model_voxel_size_a: float,
+    vesicle_radius_nm: float | None = None,
+    training_radius_nm: float = 19.0,
+) -> tuple[float, float, float]:
+    """Per-axis factor (z, y, x) from the tomogram grid to the model grid (model voxels per input voxel).
+
+    Without a radius hint: voxel size / model voxel size. With ``vesicle_radius_nm`` the image is
+    additionally scaled by training_radius / vesicle_radius, so that vesicles of that radius
+    appear as large as the training vesicles.
+    """
+    vs = np.broadcast_to(np.asarray(tomo_voxel_size_a, dtype=float), (3,))
+    s = vs / float(model_voxel_size_a)
+    if vesicle_radius_nm is not None:
+        if not (vesicle_radius_nm > 0 and math.isfinite(vesicle_radius_nm)):
+            raise ParameterError(f"--vesicle-radius must be a positive number of nm, got {vesicle_radius_nm}")
+        s = s * (training_radius_nm / float(vesicle_radius_nm))
+    return tuple(float(v) for v in s)  # type: ignore[return-value]
+
+
+def to_model_grid(
+    tomo: Tomogram,
+    model_voxel_size_a: float,
+    vesicle_radius_nm: float | None = None,
+    *,
+    training_radius_nm: float = 19.0,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Resample a tomogram onto the model grid (anti-aliased, float32, centre-aligned).
+
+    Returns ``(array, scale)`` where ``scale`` is the actual per-axis factor (z, y, x) = model
+    shape / input shape; use :func:`from_model_grid` with the input shape to go back.
+    """
+    nominal = model_grid_scale(tomo.voxel_size, model_voxel_size_a, vesicle_radius_nm, training_radius_nm)
+    target = _target_shape(tomo.shape, nominal)
+    if min(target) < 4:
+        raise ParameterError(
+            f"the model grid would be only {target} voxels; check --voxel-size / --vesicle-radius"
+        )
+    if all(abs(f - 1.0) < 1e-6 for f in nominal):
+        arr = out if out is not None else np.empty(tomo.shape, np.float32)
+        for z0 in range(0, tomo.shape[0], 32):
+            arr[z0 : z0 + 32] = np.asarray(tomo.data[z0 : z0 + 32], dtype=np.float32)
+    else:
+        arr = resample(tomo.data, target, order=1, antialias=True, out=out)
+    scale = tuple(m / n for m, n in zip(target, tomo.shape, strict=True))
+    return arr, scale  # type: ignore[return-value]
+
+
+def from_model_grid(prob: Any, shape: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+    """Resample a model-grid map back to the input ``shape`` (z, y, x); trilinear, centre-aligned."""
+    shape = tuple(int(s) for s in shape)
+    if tuple(prob.shape) == shape:
+        if out is None:
+            return np.asarray(prob, dtype=np.float32)
+        out[...] = prob
+        return out
+    return resample(prob, shape, order=1, antialias=True, out=out)
+
+
+def _sample(volume: Any, max_voxels: int = 1 << 22) -> np.ndarray:
+    """A deterministic strided subsample (float64) for statistics of big volumes."""
+    n = int(np.prod(volume.shape))
+    step = max(1, int(round((n / max_voxels) ** (1 / 3))))
+    return np.asarray(volume[::step, ::step, ::step], dtype=np.float64).ravel()
+
+
+NORMALISATIONS = ("zscore", "robust_zscore", "none")
+
+
+def normalise(
+    volume: np.ndarray,
+    method: str = "robust_zscore",
+    percentiles: tuple[float, float] = (0.5, 99.5),
+    inplace: bool = False,
+) -> np.ndarray:
+    """Normalise intensities (float32 result).
+
+    ``zscore``: (x − mean) / std. ``robust_zscore``: clip to the given percentiles first (gold
+    beads, empty slabs), then z-score with the mean/std of the clipped values. ``none``: as is.
+    Statistics come from a strided subsample of ≤ 4 M voxels.
+    """
+    if method not in NORMALISATIONS:
+        raise ParameterError(f"unknown normalisation '{method}'; use one of {', '.join(NORMALISATIONS)}")
+    arr = volume if (inplace and volume.dtype == np.float32) else np.array(volume, dtype=np.float32)
+    if method == "none":
+        return arr
+    s = _sample(arr)
+    if method == "robust_zscore":
+        lo, hi = np.percentile(s, percentiles)
+        s = np.clip(s, lo, hi)
+        np.clip(arr, lo, hi, out=arr)
+    mean, std = float(s.mean()), float(s.std())
+    if not std > 0:
+        raise InputError("the volume is constant (zero standard deviation); nothing to segment")
+    arr -= np.float32(mean)
+    arr *= np.float32(1.0 / std)
+    return arr
+
+
+#: |score| below this is reported as ambiguous (logged) and treated as dense = dark.
+POLARITY_MIN_CONFIDENCE = 0.02
+
+
+def detect_polarity(volume: Any, sigma: float = 2.0, max_side: int = 160) -> tuple[str, float]:
+    """Guess whether dense material (membranes, protein) is dark or bright.
+
+    Method: dense matter is a minority of the voxels in a sea of ice/cytosol, so the intensity
+    histogram of the low-passed volume (Gaussian ``sigma`` voxels; ~4 nm on the 22 Å model grid,
+    which removes the symmetric noise) has its long tail on the dense side. The robust
+    (quantile) skewness ``(q99 + q1 − 2·q50) / (q99 − q1)`` is negative for dense = dark. The
+    returned score is its negation: > 0 means ``"dense_dark"``, < 0 ``"dense_bright"``; its
+    magnitude is the confidence (|score| < 0.02 is logged as ambiguous and read as dense = dark).
+    Only a central crop of at most ``max_side`` voxels per axis is analysed.
+    """
+    shape = tuple(int(s) for s in volume.shape)
+    sl = tuple(slice(max(0, (s - max_side) // 2), max(0, (s - max_side) // 2) + min(s, max_side)) for s in shape)
+    crop = np.asarray(volume[sl], dtype=np.float32)
+    g = ndimage.gaussian_filter(crop, sigma, mode="nearest")
+    q1, q50, q99 = np.percentile(g, [1.0, 50.0, 99.0])
+    spread = float(q99 - q1)
+    if not spread > 0:
+        return "dense_dark", 0.0
+    score = -float((q99 + q1 - 2.0 * q50) / spread)
+    if abs(score) < POLARITY_MIN_CONFIDENCE:
+        log.warning("contrast polarity is ambiguous (score %.3f); assuming dense = dark, "
+                    "use --invert/--no-invert to decide", score)
+        return "dense_dark", score
+    return ("dense_dark" if score > 0 else "dense_bright"), score

@@ -1,0 +1,179 @@
+"""U-Net architecture, Keras import (parity with the original), checkpoints and the registry."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from _predict_utils import PARITY_NPZ, WEIGHTS_H5, random_net, write_keras_h5
+
+from cryoves.errors import ModelError
+from cryoves.model import (
+    CRYOVESNET,
+    ENV_CACHE,
+    ENV_CRYOVESNET_WEIGHTS,
+    ENV_OFFLINE,
+    ModelInfo,
+    UNet3D,
+    fused_inference_copy,
+    load_model,
+    save_checkpoint,
+)
+from cryoves.model import registry
+
+needs_weights = pytest.mark.skipif(not WEIGHTS_H5.exists(), reason="shared reference weights.h5 absent")
+
+
+def _run(net: UNet3D, x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return net(torch.from_numpy(x)[None, None])[0, 0].numpy()
+
+
+def test_default_architecture_is_the_original():
+    net = UNet3D()
+    convs = [tuple(b.conv.weight.shape[:2]) for b in net.conv_blocks()]
+    # (out, in) of the 10 3×3×3 convolutions of spec §2.1, concatenation included
+    assert convs == [(16, 1), (16, 16), (32, 16), (32, 32), (64, 32), (32, 64), (32, 64), (16, 32),
+                     (16, 32), (16, 16)]
+    assert tuple(net.head.weight.shape) == (1, 16, 1, 1, 1)
+    assert net.n_parameters() == 250_641
+    assert all(b.bn.eps == pytest.approx(1e-3) for b in net.conv_blocks())
+
+
+def test_configurable_depth_and_width():
+    net = UNet3D(depth=3, base_filters=8, convs_per_level=3, batch_norm=False)
+    x = torch.randn(1, 1, 16, 24, 32)
+    with torch.inference_mode():
+        p = net(x)
+    assert p.shape == x.shape and float(p.min()) >= 0 and float(p.max()) <= 1
+    assert net.divisor == 8 and all(b.bn is None for b in net.conv_blocks())
+
+
+def test_forward_is_sigmoid_of_logits():
+    net = random_net(1)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.inference_mode():
+        assert torch.allclose(net(x), torch.sigmoid(net.forward_logits(x)))
+
+
+def test_fused_copy_and_cropped_forward_match_the_plain_network():
+    net = random_net(2)
+    x = torch.randn(2, 1, 32, 40, 48)
+    fused = fused_inference_copy(net)
+    crop = ((4, 8), (12, 0), (3, 5))
+    with torch.inference_mode():
+        full = net.forward_logits(x)
+        assert torch.allclose(fused.forward_logits(x), full, atol=1e-4)
+        cropped = fused.forward_logits(x, crop)
+    assert torch.allclose(cropped, full[:, :, 4:24, 12:40, 3:43], atol=1e-4)
+
+
+@pytest.mark.parametrize("rename", [False, True], ids=["by-name", "by-order"])
+def test_keras_import_roundtrip(tmp_path, rename):
+    net = random_net(3)
+    path = tmp_path / "w.h5"
+    write_keras_h5(net, path, rename=rename)
+    loaded = load_model(path)
+    assert loaded.info.name == "w" and loaded.info.sha256 is not None
+    x = np.random.default_rng(0).normal(size=(16, 24, 32)).astype(np.float32)
+    np.testing.assert_allclose(_run(loaded.net, x), _run(net, x), atol=1e-6)
+
+
+def test_keras_import_rejects_other_files(tmp_path):
+    import h5py
+
+    path = tmp_path / "bad.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.zeros(3))
+    with pytest.raises(ModelError, match="layer_names"):
+        load_model(path)
+
+
+@needs_weights
+@pytest.mark.skipif(not PARITY_NPZ.exists(), reason="parity vectors absent")
+@pytest.mark.parametrize("size", [64, 96])
+def test_parity_with_original_keras_model(size, monkeypatch):
+    monkeypatch.setenv(ENV_CRYOVESNET_WEIGHTS, str(WEIGHTS_H5))
+    loaded = load_model("cryovesnet")
+    assert loaded.info.sha256 == CRYOVESNET.sha256 and loaded.info.voxel_size_a == 22.0
+    ref = np.load(PARITY_NPZ)
+    p = _run(loaded.net, ref[f"input_{size}"])
+    assert np.abs(p - ref[f"prob_{size}"]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_checkpoint_roundtrip(tmp_path, suffix):
+    net = random_net(4, base_filters=8)
+    info = ModelInfo(name="mine", voxel_size_a=14.0, normalisation="zscore", vesicle_radius_nm=25.0)
+    path = save_checkpoint(tmp_path / f"mine{suffix}", net, info)
+    loaded = load_model(path)
+    assert loaded.info.voxel_size_a == 14.0 and loaded.info.architecture["base_filters"] == 8
+    if suffix == ".safetensors":
+        assert loaded.info.sha256 == registry.sha256_file(path)
+    x = np.random.default_rng(1).normal(size=(8, 16, 16)).astype(np.float32)
+    np.testing.assert_array_equal(_run(loaded.net, x), _run(net, x))
+
+
+def test_safetensors_without_metadata_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "m.safetensors", random_net(5), ModelInfo(name="m"))
+    path.with_suffix(".json").unlink()
+    with pytest.raises(ModelError, match="metadata"):
+        load_model(path)
+
+
+def test_packaged_default_model_appears_when_dropped_in(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "PACKAGED_DIR", tmp_path)
+    with pytest.raises(ModelError, match="cryoves-default"):
+        load_model("cryoves-default")
+    assert "cryoves-default" not in registry.available_models()
+    save_checkpoint(tmp_path / "cryoves-default.safetensors", random_net(6), ModelInfo(name="cryoves-default"))
+    assert load_model("cryoves-default").info.name == "cryoves-default"
+    assert "cryoves-default" in registry.available_models()
+
+
+def test_unknown_model_name():
+    with pytest.raises(ModelError, match="unknown model"):
+        load_model("no-such-model")
+
+
+def test_cryovesnet_env_var_must_point_to_a_file(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_CRYOVESNET_WEIGHTS, str(tmp_path / "missing.h5"))
+    with pytest.raises(ModelError, match=ENV_CRYOVESNET_WEIGHTS):
+        load_model("cryovesnet")
+
+
+def test_cryovesnet_offline_without_cache_names_the_env_var(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_CRYOVESNET_WEIGHTS, raising=False)
+    monkeypatch.setenv(ENV_CACHE, str(tmp_path))
+    monkeypatch.setenv(ENV_OFFLINE, "1")
+    with pytest.raises(ModelError, match=ENV_CRYOVESNET_WEIGHTS):
+        load_model("cryovesnet")
+
+
+def test_cryovesnet_download_failure_is_a_model_error(tmp_path, monkeypatch):
+    import pooch
+
+    def fail(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.delenv(ENV_CRYOVESNET_WEIGHTS, raising=False)
+    monkeypatch.delenv(ENV_OFFLINE, raising=False)
+    monkeypatch.setenv(ENV_CACHE, str(tmp_path))
+    monkeypatch.setattr(pooch, "retrieve", fail)
+    with pytest.raises(ModelError, match="cannot download"):
+        load_model("cryovesnet")
+
+
+@needs_weights
+def test_cryovesnet_found_in_cache_and_checked(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_CRYOVESNET_WEIGHTS, raising=False)
+    monkeypatch.setenv(ENV_CACHE, str(tmp_path))
+    monkeypatch.setenv(ENV_OFFLINE, "1")
+    cached = tmp_path / "cryovesnet-weights.h5"
+    shutil.copy(WEIGHTS_H5, cached)
+    assert registry.fetch_cryovesnet_weights() == cached
+    cached.write_bytes(b"corrupt")  # wrong sha256 → not used
+    with pytest.raises(ModelError, match=ENV_OFFLINE):
+        registry.fetch_cryovesnet_weights()

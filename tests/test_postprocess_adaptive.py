@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+
+from _post_utils import synthetic
+from cryoves.errors import ParameterError
+from cryoves.postprocess import REJECTED_COLUMNS
+from cryoves.postprocess.adaptive import label_vesicles
+
+VS = 10.0  # Å; min_radius_nm=4 -> 4 voxels
+
+SINGLES = [(20, 16, 16), (20, 16, 60), (20, 60, 16), (20, 60, 60)]
+
+
+def _scene(extra_centres, radius=7.0, shape=(40, 80, 80), **kw):
+    centres = SINGLES + list(extra_centres)
+    return synthetic(shape=shape, centres=centres, radii=[radius] * len(centres), **kw)
+
+
+def _ids_at(labels, centres):
+    return [int(labels[tuple(np.round(c).astype(int))]) for c in centres]
+
+
+def test_six_connectivity_everywhere():
+    prob = np.zeros((12, 12, 12), np.float32)
+    prob[2:6, 2:6, 2:6] = 1
+    prob[6:10, 6:10, 2:6] = 1  # touches the first cube along an edge only
+    labels, rej = label_vesicles(prob, 0.5, VS, min_radius_nm=0.1, separate=False, expand=False, extent_range=(0, 1))
+    assert labels.dtype == np.uint32
+    assert len(np.unique(labels[labels > 0])) == 2
+    assert list(rej.columns) == REJECTED_COLUMNS and len(rej) == 0
+
+
+@pytest.mark.parametrize("pair_centre", [(20, 38, 38), (8, 38, 38)])  # second one: within 10 voxels of z=0
+def test_merged_pair_is_split_with_fresh_ids_and_no_lost_voxels(pair_centre):
+    c = np.array(pair_centre, float)
+    a, b = c - [0, 4.5, 4.5], c + [0, 4.5, 4.5]  # diagonal pair, centres 12.7 apart, r=7: merged
+    s = _scene([a, b])
+    t = 0.5
+    plain, _ = label_vesicles(s.prob, t, VS, min_radius_nm=4, separate=False, expand=False)
+    ia, ib = _ids_at(plain, [a, b])
+    assert ia == ib != 0, "test setup: the pair must be merged at the global threshold"
+    labels, rej = label_vesicles(s.prob, t, VS, min_radius_nm=4, separate=True, expand=False)
+    na, nb = _ids_at(labels, [a, b])
+    assert na != nb and na > plain.max() and nb > plain.max()
+    # every voxel of the merged object went to one of the pieces
+    merged = plain == ia
+    assert set(np.unique(labels[merged])) == {na, nb}
+    assert np.count_nonzero(labels) == np.count_nonzero(plain)
+    # singles untouched
+    assert _ids_at(labels, SINGLES) == _ids_at(plain, SINGLES)
+
+
+def test_chain_of_three_is_split_recursively():
+    cs = [(20, 38, 26), (20, 38, 38.5), (20, 38, 51)]
+    s = _scene(cs, radius=6.5)
+    plain, _ = label_vesicles(s.prob, 0.5, VS, min_radius_nm=4, separate=False, expand=False)
+    assert len(set(_ids_at(plain, cs))) == 1
+    labels, _ = label_vesicles(s.prob, 0.5, VS, min_radius_nm=4, separate=True, expand=False)
+    assert len(set(_ids_at(labels, cs))) == 3
+
+
+def test_partly_detected_vesicle_is_grown():
+    s = _scene([(20, 38, 38)])
+    prob = s.prob.copy()
+    # the fifth vesicle is weakly detected: only a small core passes the global threshold
+    zz, yy, xx = np.ogrid[:40, :80, :80]
+    near = (zz - 20) ** 2 + (yy - 38) ** 2 + (xx - 38) ** 2 <= 10**2
+    prob[near] *= 0.8
+    t = 0.78
+    small, rej_small = label_vesicles(prob, t, VS, min_radius_nm=6, min_volume_fraction=1.0, separate=False, expand=False)
+    assert small[20, 38, 38] == 0 and (rej_small["reason"].str.contains("volume")).any()
+    grown, rej = label_vesicles(prob, t, VS, min_radius_nm=6, min_volume_fraction=1.0, separate=False, expand=True)
+    assert grown[20, 38, 38] != 0
+    assert np.count_nonzero(grown == grown[20, 38, 38]) >= 4 / 3 * np.pi * 6**3
+    assert not rej["z"].between(15, 25).any() or len(rej) == 0
+
+
+def test_discard_rules_record_reasons():
+    prob = np.zeros((30, 30, 30), np.float32)
+    prob[2, 2, 2:4] = 1  # tiny: 2 voxels < a 1-voxel-radius ball
+    prob[10, 5:25, 10] = 1  # thin rod: ok volume at min radius 1 voxel, extent 1.0 > 0.75
+    labels, rej = label_vesicles(prob, 0.5, VS, min_radius_nm=1.0, min_volume_fraction=1.0, separate=False, expand=False)
+    assert not labels.any()
+    assert set(rej["step"]) == {"label"}
+    assert rej["reason"].str.contains("volume").sum() == 1
+    assert rej["reason"].str.contains("extent").sum() == 1
+    assert np.isfinite(rej[["z", "y", "x", "radius"]].to_numpy()).all()
+
+
+def test_bad_threshold():
+    with pytest.raises(ParameterError):
+        label_vesicles(np.zeros((4, 4, 4)), 1.5, VS)

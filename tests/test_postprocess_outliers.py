@@ -1,0 +1,155 @@
+import logging
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.spatial.distance import mahalanobis
+from scipy.stats import chi2
+
+from _post_utils import random_scene
+from cryoves.errors import ParameterError
+from cryoves.postprocess import REJECTED_COLUMNS, fit_spheres, label_vesicles, repair, resolve_overlaps
+from cryoves.postprocess.outliers import FEATURES, mahalanobis_test, robust_mean_cov
+from cryoves.vesicles import VesicleTable
+
+VS = 10.0
+
+
+def _table(n=12, seed=0, **extra):
+    rng = np.random.default_rng(seed)
+    centres = np.stack([np.full(n, 50.0), np.full(n, 50.0), np.arange(n) * 40.0 + 20], axis=1)  # far apart
+    cols = dict(
+        membrane_thickness_nm=rng.normal(4.5, 0.3, n),
+        membrane_density=rng.normal(-1.0, 0.05, n),
+        profile_correlation=rng.uniform(0.8, 1.0, n),
+    )
+    cols.update(extra)
+    return VesicleTable.from_spheres(centres, rng.normal(18.0, 1.0, n), VS, **cols)
+
+
+def test_mahalanobis_is_chi2_on_squared_distance_df3():
+    t = _table()
+    dist, p = mahalanobis_test(t, robust=False, exact=False)
+    x = t.df[FEATURES].to_numpy()
+    ref = []
+    for i in range(len(x)):  # leave-one-out: each vesicle against the others
+        o = np.delete(x, i, axis=0)
+        ref.append(mahalanobis(x[i], o.mean(0), np.linalg.inv(np.cov(o, rowvar=False))))
+    ref = np.array(ref)
+    np.testing.assert_allclose(dist, ref, rtol=1e-6)
+    np.testing.assert_allclose(p, chi2.sf(ref**2, df=3), rtol=1e-6)
+
+
+def test_outlier_removed_with_reason_and_others_kept():
+    t = _table(n=15)
+    df = t.df.copy()
+    df.loc[3, "membrane_thickness_nm"] = 12.0
+    out, rej = repair(t.with_df(df), None, min_radius_nm=1.0)
+    assert list(rej.columns) == REJECTED_COLUMNS
+    assert list(rej["id"]) == [df.loc[3, "id"]] and rej["step"].iloc[0] == "outlier"
+    assert "p =" in rej["reason"].iloc[0]
+    assert len(out) == 14 and out.df["p_value"].notna().all()
+
+
+def test_small_n_skips_mahalanobis(caplog):
+    t = _table(n=4)
+    df = t.df.copy()
+    df.loc[0, "membrane_thickness_nm"] = 50.0
+    with caplog.at_level(logging.INFO, logger="cryoves.postprocess.outliers"):
+        out, rej = repair(t.with_df(df), None, min_radius_nm=1.0)
+    assert len(out) == 4 and len(rej) == 0
+    assert out.df["mahalanobis"].isna().all()
+    assert "skipped" in caplog.text and "at least 5" in caplog.text
+
+
+def test_correlation_filter():
+    t = _table(n=8)
+    df = t.df.copy()
+    df.loc[2, "profile_correlation"] = 0.1
+    out, rej = repair(t.with_df(df), None, min_radius_nm=1.0)
+    assert list(rej["step"]) == ["correlation"] and rej["id"].iloc[0] == df.loc[2, "id"]
+    assert len(out) == 7
+
+
+def test_min_radius_removal():
+    t = _table(n=6)
+    out, rej = repair(t, None, min_radius_nm=18.0)
+    small = t.df["radius"] * VS / 10 <= 18.0
+    assert set(rej.loc[rej["step"] == "min_radius", "id"]) == set(t.df["id"][small])
+    assert (out.df["radius_nm"] > 18.0).all()
+
+
+def test_regrow_refits_outlier_from_a_bad_fit():
+    s = random_scene(n=9, shape=(56, 96, 96), seed=21, r_range=(9.0, 11.0))
+    labels, _ = label_vesicles(s.prob, 0.5, s.voxel_size, min_radius_nm=4)
+    table, _ = fit_spheres(s.intensity, labels, s.voxel_size)
+    df = table.df.copy()
+    true_r = df.loc[0, "radius"]
+    df.loc[0, "radius"] = true_r * 1.35  # a bad fit: features far off
+    df.loc[0, "membrane_thickness_nm"] *= 2.5
+    bad = table.with_df(df)
+    _, rej_no = repair(bad, None, min_radius_nm=4)
+    assert df.loc[0, "id"] in set(rej_no["id"])
+    fixed, rej = repair(bad, s.intensity, min_radius_nm=4)
+    assert df.loc[0, "id"] not in set(rej["id"])
+    row = fixed.df.set_index("id").loc[df.loc[0, "id"]]
+    assert abs(row["radius"] - true_r) < 0.3
+
+
+def test_duplicate_removed_and_overlaps_shrunk():
+    centres = [(50, 50, 50), (50, 50, 52), (50, 50, 75), (50, 80, 50)]
+    t = VesicleTable.from_spheres(centres, [10, 9, 16, 10], VS, profile_correlation=[0.9, 0.5, 0.9, 0.9])
+    out, rej = repair(t, None, min_radius_nm=1.0)
+    assert list(rej["id"]) == [2] and rej["step"].iloc[0] == "overlap"
+    c, r = out.centres, out.radii
+    d = np.linalg.norm(c[:, None] - c[None], axis=-1)
+    iu = np.triu_indices(len(r), 1)
+    assert (d[iu] >= (r[:, None] + r[None])[iu]).all()
+    assert r[out.ids == 4][0] == 10  # untouched
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000))
+def test_resolve_overlaps_never_leaves_intersections(seed):
+    rng = np.random.default_rng(seed)
+    n = 30
+    c = rng.uniform(0, 60, (n, 3))
+    r = rng.uniform(2, 10, n)
+    keep, r2 = resolve_overlaps(c, r)
+    c, r2 = c[keep], r2[keep]
+    d = np.linalg.norm(c[:, None] - c[None], axis=-1)
+    iu = np.triu_indices(len(r2), 1)
+    assert (d[iu] >= (r2[:, None] + r2[None])[iu]).all()
+    assert (r2 <= r[keep]).all() and (r2 > 0).all()
+
+
+def test_robust_covariance_resists_outliers():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (200, 3))
+    x[:30] += 8.0
+    mu, cov = robust_mean_cov(x)
+    assert np.abs(mu).max() < 0.3
+    assert np.abs(x[:30].mean(0) * 0 + x.mean(0)).max() > 1.0  # the classical mean is pulled away
+    assert np.all(np.diag(cov) < 2.0)
+
+
+def test_bad_parameters():
+    with pytest.raises(ParameterError):
+        repair(_table(), None, p_threshold=2.0)
+
+
+def test_exact_p_values_are_calibrated_for_small_n():
+    from cryoves.postprocess.outliers import leave_one_out_d2, loo_p_value
+
+    rng = np.random.default_rng(3)
+    n = 8
+    p_exact, p_chi2 = [], []
+    for _ in range(400):
+        x = rng.normal(size=(n, 3)) * [1.0, 5.0, 0.1]
+        d2 = leave_one_out_d2(x)
+        p_exact.append(loo_p_value(d2, n, 3))
+        p_chi2.append(chi2.sf(d2, 3))
+    p_exact, p_chi2 = np.concatenate(p_exact), np.concatenate(p_chi2)
+    assert 0.08 < np.mean(p_exact < 0.1) < 0.12  # uniform under the null
+    assert np.mean(p_chi2 < 0.1) > 0.3  # the asymptotic chi2 over-flags at small n

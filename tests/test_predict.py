@@ -1,0 +1,259 @@
+"""Tiled prediction: exact stitching, TTA, polarity, outputs, memory bounds, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from _predict_utils import HIV_TIF, PARITY_NPZ, WEIGHTS_H5, random_model, random_net, vesicle_volume
+
+from cryoves.errors import OutputExistsError, ParameterError, ResourceError
+from cryoves.io import Tomogram, write_mrc
+from cryoves.model import ModelInfo, save_checkpoint
+from cryoves.predict import (
+    TTA_TRANSFORMS,
+    _inverse,
+    _transform,
+    plan_axis,
+    plan_tiles,
+    predict_array,
+    predict_tomogram,
+)
+
+
+def _whole(net, x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return net(torch.from_numpy(x)[None, None])[0, 0].numpy()
+
+
+@pytest.mark.parametrize("length", [1, 37, 64, 100, 257])
+@pytest.mark.parametrize("tile", [56, 96])
+def test_plan_axis_partitions_and_aligns(length, tile):
+    plan = plan_axis(length, tile, 24)
+    kept = [(a, b) for _, _, a, b in plan]
+    assert kept[0][0] == 0 and kept[-1][1] == length
+    assert all(b0 == a1 for (_, b0), (a1, _) in zip(kept[:-1], kept[1:], strict=True))
+    for lo, hi, a, b in plan:
+        assert lo % 4 == 0 and hi % 4 == 0 and hi - lo <= max(tile, -(-length // 4) * 4)
+        assert lo == 0 or a - lo >= 24  # full context on inner sides
+        assert hi >= min(b + 24, -(-length // 4) * 4)
+    with pytest.raises(ParameterError):
+        plan_axis(100, 50, 24)
+
+
+def test_tiled_prediction_equals_whole_volume_forward():
+    net = random_net(0)
+    x = vesicle_volume((60, 64, 68), seed=1)
+    x = (x - x.mean()) / x.std()
+    whole = _whole(net, x)  # sizes are multiples of 4, so the whole forward pass is defined
+    tiled = predict_array(net, x, tile=56, progress=False)
+    assert len(plan_tiles(x.shape, 56)) == 8
+    np.testing.assert_allclose(tiled, whole, atol=2e-5)
+
+
+def test_prediction_is_shift_equivariant_away_from_borders():
+    net = random_net(1)
+    x = vesicle_volume((64, 64, 64), seed=2)
+    shifted = np.roll(x, (8, -12, 4), axis=(0, 1, 2))
+    p = predict_array(net, x, tile=56, progress=False)
+    q = predict_array(net, shifted, tile=56, progress=False)
+    q_back = np.roll(q, (-8, 12, -4), axis=(0, 1, 2))
+    inner = (slice(28, 36),) * 3  # ≥ 24 voxels (receptive field) from every border and wrap
+    np.testing.assert_allclose(p[inner], q_back[inner], atol=2e-5)
+
+
+@pytest.mark.skipif(not (WEIGHTS_H5.exists() and PARITY_NPZ.exists()), reason="reference files absent")
+def test_tiled_prediction_matches_original_keras_output():
+    from cryoves.model import load_model
+
+    net = load_model(WEIGHTS_H5).net
+    ref = np.load(PARITY_NPZ)
+    p = predict_array(net, ref["input_96"], tile=72, progress=False)  # 8 tiles
+    assert np.abs(p - ref["prob_96"]).max() <= 1e-4
+
+
+def test_tta_transforms_keep_z_and_invert():
+    x = torch.arange(4 * 6 * 8, dtype=torch.float32).reshape(1, 1, 4, 6, 8)
+    seen = set()
+    for t in TTA_TRANSFORMS:
+        y = _transform(x, *t)
+        assert y.shape[2] == 4  # z never swapped with y/x
+        assert torch.equal(_inverse(y, *t), x)
+        # each z plane stays a z plane (same set of values per plane)
+        assert [set(y[0, 0, k].flatten().tolist()) for k in range(4)] in (
+            [set(x[0, 0, k].flatten().tolist()) for k in range(4)],
+            [set(x[0, 0, 3 - k].flatten().tolist()) for k in range(4)],
+        )
+        seen.add(tuple(y.flatten().tolist()))
+    assert len(seen) == len(TTA_TRANSFORMS)  # all distinct
+
+
+def test_tta_merges_by_mean_of_logits():
+    net = random_net(2)
+    x = vesicle_volume((32, 40, 40), seed=3)
+    got = predict_array(net, x, tile=64, tta=3, progress=False)
+    with torch.inference_mode():
+        xt = torch.from_numpy(x)[None, None]
+        logits = [_inverse(net.forward_logits(_transform(xt, *t)), *t) for t in TTA_TRANSFORMS[:3]]
+        ref = torch.sigmoid(torch.stack(logits).mean(0))[0, 0].numpy()
+    np.testing.assert_allclose(got, ref, atol=2e-5)
+    with pytest.raises(ParameterError):
+        predict_array(net, x, tta=17, progress=False)
+
+
+def test_bf16_is_close_to_fp32():
+    net = random_net(3)
+    x = vesicle_volume((32, 32, 32), seed=4)
+    a = predict_array(net, x, tile=64, precision="fp32", progress=False)
+    b = predict_array(net, x, tile=64, precision="bf16", progress=False)
+    assert b.dtype == np.float32 and np.abs(a - b).max() < 0.05
+
+
+def test_resource_error_before_starting(monkeypatch):
+    import cryoves.predict as pr
+
+    monkeypatch.setattr(pr, "available_memory", lambda device: 64 * 2**20)
+    with pytest.raises(ResourceError, match="--tile"):
+        predict_array(random_net(0), np.zeros((8, 8, 8), np.float32), tile=256, progress=False)
+
+
+def _tomo(dark=True, shape=(40, 48, 56), vs=22.0):
+    return Tomogram(vesicle_volume(shape, seed=5, dark=dark), (vs, vs, vs))
+
+
+def test_predict_tomogram_grid_polarity_and_info():
+    model = random_model(0)
+    dark = predict_tomogram(_tomo(dark=True, vs=18.0), model, progress=False)
+    assert dark.prob.shape == (40, 48, 56) and dark.prob.dtype == np.float32
+    assert 0 <= dark.prob.min() and dark.prob.max() <= 1
+    assert dark.info["inverted"] is False and dark.info["polarity"] == "dense_dark"
+    assert dark.info["scale"] == pytest.approx([m / n for m, n in zip(dark.info["model_grid_shape"], (40, 48, 56), strict=True)])
+    for key in ("model", "sha256", "model_voxel_size_a", "tiles", "seconds", "precision", "polarity_score"):
+        assert key in dark.info
+    bright = predict_tomogram(_tomo(dark=False, vs=18.0), model, progress=False)
+    assert bright.info["inverted"] is True
+    np.testing.assert_allclose(bright.prob, dark.prob, atol=1e-5)  # detected and undone
+    forced = predict_tomogram(_tomo(dark=False, vs=18.0), model, invert=False, progress=False)
+    assert forced.info["inverted"] is False and np.abs(forced.prob - dark.prob).max() > 1e-3
+
+
+def test_predict_tomogram_writes_mrc_memmap(tmp_path):
+    model = random_model(1)
+    tomo = _tomo(vs=30.0)
+    tomo.origin = (3.0, 2.0, 1.0)
+    out = tmp_path / "sub" / "prob.mrc"
+    mem = predict_tomogram(tomo, model, progress=False)
+    res = predict_tomogram(tomo, model, out=out, progress=False)
+    assert isinstance(res.prob, np.memmap)
+    np.testing.assert_allclose(np.asarray(res.prob), mem.prob, atol=1e-6)
+    import mrcfile
+
+    with mrcfile.open(out) as m:
+        assert float(m.voxel_size.x) == pytest.approx(30.0) and float(m.header.origin.z) == pytest.approx(3.0)
+        assert float(m.header.dmax) == pytest.approx(float(mem.prob.max()), abs=1e-5)
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no scratch left
+    with pytest.raises(OutputExistsError):
+        predict_tomogram(tomo, model, out=out, progress=False)
+    predict_tomogram(tomo, model, out=out, force=True, progress=False)
+
+
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, threading, time
+    import numpy as np
+    from cryoves.io import Tomogram
+    from cryoves.predict import predict_tomogram
+    sys.path.insert(0, sys.argv[3])
+    from _predict_utils import random_model
+
+    def anon():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    n = int(sys.argv[2])
+    data = np.lib.format.open_memmap(sys.argv[1] + "/in.npy", mode="w+", dtype=np.float32, shape=(n, n, n))
+    rng = np.random.default_rng(0)
+    for z in range(n):
+        data[z] = rng.normal(size=(n, n))
+    data.flush(); del data
+    data = np.load(sys.argv[1] + "/in.npy", mmap_mode="r")
+    model = random_model(0)
+    import torch
+    with torch.inference_mode():
+        model.net(torch.zeros(1, 1, 56, 56, 56))  # warm up the runtime before the baseline
+    base = anon(); peak = [base]; stop = []
+    def watch():
+        while not stop:
+            peak[0] = max(peak[0], anon()); time.sleep(0.002)
+    th = threading.Thread(target=watch); th.start()
+    predict_tomogram(Tomogram(data, (18.0,) * 3), model, out=sys.argv[1] + "/p.npy", tile=56,
+                     batch_size=1, progress=False)
+    stop.append(1); th.join()
+    print(json.dumps({"base": base, "peak": peak[0], "nbytes": n ** 3 * 4}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_large_volume_streams_with_bounded_memory(tmp_path):
+    """Anonymous memory stays far below one full-size float32 copy: every full-size array is a
+    memory map (input, model-grid scratch, output)."""
+    from pathlib import Path
+
+    script = tmp_path / "run.py"
+    script.write_text(_MEMORY_SCRIPT)
+    n = 192
+    res = subprocess.run([sys.executable, str(script), str(tmp_path), str(n), str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads(res.stdout.strip().splitlines()[-1])
+    growth = m["peak"] - m["base"]
+    # tile activations (~56³·150 B ≈ 26 MiB) + resampling chunks, not the 27 MiB volume ×3
+    assert growth < 1.0 * m["nbytes"], m
+    out = np.load(tmp_path / "p.npy", mmap_mode="r")
+    assert out.shape == (n, n, n) and 0 <= float(out[::8, ::8, ::8].min())
+
+
+def test_cli_predict_on_mrc(tmp_path):
+    from typer.testing import CliRunner
+
+    from cryoves.cli import app
+
+    tomo = _tomo(vs=22.0)
+    src = write_mrc(tmp_path / "t.mrc", tomo.data, tomo.voxel_size)
+    weights = save_checkpoint(tmp_path / "net.safetensors", random_net(4), ModelInfo(name="net", prefilter_sigma=1.0))
+    out = tmp_path / "prob.mrc"
+    args = ["predict", str(src), "-o", str(out), "--model", str(weights), "--device", "cpu", "--tta", "2"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    import mrcfile
+
+    with mrcfile.open(out) as m:
+        assert m.data.shape == tomo.shape and float(m.voxel_size.x) == pytest.approx(22.0)
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "--force" in r.output
+
+
+@pytest.mark.skipif(not (WEIGHTS_H5.exists() and HIV_TIF.exists()), reason="reference files absent")
+def test_cli_predict_on_real_hiv_tiff(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cryoves.cli import app
+
+    monkeypatch.setenv("CRYOVES_CRYOVESNET_WEIGHTS", str(WEIGHTS_H5))
+    out = tmp_path / "prob.mrc"
+    # VLPs are ~60 nm in radius: the hint shrinks them to training size (and keeps the test fast)
+    r = CliRunner().invoke(app, ["predict", str(HIV_TIF), "-o", str(out), "--voxel-size", "40",
+                                 "--vesicle-radius", "60", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "inverted=True" in r.output  # dense = bright was detected
+    import mrcfile
+
+    with mrcfile.open(out) as m:
+        assert m.data.shape == (101, 135, 135) and float(m.voxel_size.x) == pytest.approx(40.0)
+        assert 0 <= float(m.data.min()) and float(m.data.max()) <= 1

@@ -1,0 +1,147 @@
+"""Resampling (alignment, anti-aliasing, streaming), normalisation and polarity detection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _predict_utils import HIV_TIF, vesicle_volume
+from scipy import ndimage
+
+import cryoves.preprocess as pp
+from cryoves.errors import InputError, ParameterError
+from cryoves.io import Tomogram
+from cryoves.preprocess import (
+    detect_polarity,
+    from_model_grid,
+    model_grid_scale,
+    normalise,
+    resample,
+    to_model_grid,
+)
+
+
+def _blob(shape, centre, sigma=2.5):
+    idx = np.indices(shape, dtype=np.float64)
+    d2 = sum((i - c) ** 2 for i, c in zip(idx, centre, strict=True))
+    return np.exp(-d2 / (2 * sigma**2)).astype(np.float32)
+
+
+def _centroid(v):
+    return np.array(ndimage.center_of_mass(np.asarray(v, dtype=np.float64)))
+
+
+@pytest.mark.parametrize("target", [(20, 25, 30), (80, 100, 120), (33, 50, 71)])
+def test_resample_matches_skimage_resize(target):
+    from skimage.transform import resize
+
+    a = np.random.default_rng(0).normal(size=(40, 50, 60)).astype(np.float32)
+    ours = resample(a, target)
+    ref = resize(a, target, order=1, anti_aliasing=True, mode="edge")
+    assert ours.dtype == np.float32 and ours.shape == target
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_resample_centre_alignment_and_round_trip():
+    shape = (40, 48, 56)
+    centre = (17.3, 24.6, 30.2)
+    v = _blob(shape, centre)
+    for f in (0.55, 0.668, 1.7):
+        down, scale = to_model_grid(Tomogram(v, (10.0, 10.0, 10.0)), 10.0 / f)
+        expected = [(c + 0.5) * s - 0.5 for c, s in zip(centre, scale, strict=True)]
+        np.testing.assert_allclose(_centroid(down), expected, atol=0.05)
+        back = from_model_grid(down, shape)
+        assert back.shape == shape
+        np.testing.assert_allclose(_centroid(back), centre, atol=0.05)
+
+
+def test_resample_streams_in_chunks_into_a_memmap(tmp_path, monkeypatch):
+    a = np.random.default_rng(1).normal(size=(30, 20, 24)).astype(np.float32)
+    src = np.lib.format.open_memmap(tmp_path / "a.npy", mode="w+", dtype=np.float32, shape=a.shape)
+    src[:] = a
+    whole = resample(a, 0.37)
+    monkeypatch.setattr(pp, "_CHUNK_VOXELS", 2000)  # a few planes per chunk
+    out = np.lib.format.open_memmap(tmp_path / "o.npy", mode="w+", dtype=np.float32, shape=whole.shape)
+    got = resample(src, 0.37, out=out)
+    assert got is out
+    np.testing.assert_array_equal(np.asarray(out), whole)
+
+
+def test_resample_antialias_removes_aliasing():
+    z = np.arange(66)  # shrinking ×3 samples the Nyquist stripes on whole voxels
+    stripes = np.broadcast_to(np.where(z % 2 == 0, 1.0, -1.0)[:, None, None], (66, 8, 8)).astype(np.float32)
+    inner = slice(2, -2)  # the edge value is repeated beyond the ends, which breaks the pattern
+    assert np.abs(resample(stripes, (22, 8, 8))[inner]).max() < 0.05
+    assert np.abs(resample(stripes, (22, 8, 8), antialias=False)[inner]).max() > 0.5
+
+
+def test_resample_nearest_and_bad_arguments():
+    a = np.arange(8 * 8 * 8, dtype=np.float32).reshape(8, 8, 8)
+    up = resample(a, 2.0, order=0)
+    np.testing.assert_array_equal(up[::2, ::2, ::2], a)
+    with pytest.raises(ParameterError):
+        resample(a, 0.5, order=3)
+    with pytest.raises(ParameterError):
+        resample(a, -1.0)
+
+
+def test_model_grid_scale_with_vesicle_radius_hint():
+    assert model_grid_scale(14.69, 22.0) == pytest.approx((14.69 / 22,) * 3)
+    # 60 nm vesicles at 40 Å shrink so they look like 19 nm training vesicles
+    assert model_grid_scale(40.0, 22.0, 60.0, 19.0)[2] == pytest.approx(40 / 22 * 19 / 60)
+    with pytest.raises(ParameterError):
+        model_grid_scale(10.0, 22.0, -5.0)
+    tomo = Tomogram(np.zeros((20, 40, 40), np.float32), (40.0, 40.0, 40.0))
+    arr, scale = to_model_grid(tomo, 22.0, vesicle_radius_nm=60.0, training_radius_nm=19.0)
+    assert arr.shape == tuple(round(s * 40 / 22 * 19 / 60) for s in tomo.shape)
+    assert scale == pytest.approx([m / n for m, n in zip(arr.shape, tomo.shape, strict=True)])
+
+
+def test_normalise_zscore_and_robust():
+    rng = np.random.default_rng(2)
+    v = rng.normal(5.0, 2.0, size=(32, 32, 32)).astype(np.float32)
+    z = normalise(v, "zscore")
+    assert abs(float(z.mean())) < 1e-3 and abs(float(z.std()) - 1) < 1e-3
+    assert v.mean() > 4  # input untouched
+    spiked = v.copy()
+    spiked.flat[rng.choice(v.size, 50, replace=False)] = -1e4  # gold beads
+    robust = normalise(spiked, "robust_zscore")
+    plain = normalise(spiked, "zscore")
+    clean = normalise(v, "robust_zscore")
+    mask = (spiked == v) & (np.abs(clean) < 2)  # the clipped tails move with the percentiles
+    assert np.abs(robust[mask] - clean[mask]).max() < 0.05
+    assert np.abs(plain[mask] - clean[mask]).max() > 0.5
+    with pytest.raises(ParameterError):
+        normalise(v, "minmax")
+    with pytest.raises(InputError):
+        normalise(np.ones((4, 4, 4), np.float32), "zscore")
+
+
+@pytest.mark.parametrize("seed,noise", [(0, 0.5), (1, 1.0), (2, 1.5)])
+def test_detect_polarity_on_synthetic_both_ways(seed, noise):
+    v = vesicle_volume(seed=seed, noise=noise)
+    label, score = detect_polarity(v)
+    assert label == "dense_dark" and score > 0
+    label, score_inv = detect_polarity(-v)
+    assert label == "dense_bright" and score_inv == pytest.approx(-score)
+
+
+def test_detect_polarity_on_simulated_tomogram():
+    simulate = pytest.importorskip("cryoves.simulate")
+    sim = simulate.simulate(simulate.SimulationConfig.preset("small"), seed=0)
+    data = np.asarray(sim.tomogram.data, dtype=np.float32)
+    f = sim.tomogram.voxel_size_a / 22.0
+    data = resample(data, f)
+    assert detect_polarity(data)[0] == "dense_dark"
+    assert detect_polarity(-data)[0] == "dense_bright"
+
+
+@pytest.mark.skipif(not HIV_TIF.exists(), reason="HIV-1 VLP reference tomogram absent")
+def test_detect_polarity_on_real_hiv_tomogram():
+    import tifffile
+
+    t = tifffile.imread(HIV_TIF).astype(np.float32)  # dense = bright, 40 Å/voxel
+    for f in (1.0, 40 / 22, 40 / 22 * 19 / 60):
+        v = t if f == 1.0 else resample(t, f)
+        label, score = detect_polarity(v)
+        assert label == "dense_bright", (f, score)
+        assert detect_polarity(-v)[0] == "dense_dark"

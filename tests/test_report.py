@@ -1,0 +1,62 @@
+"""QC report: self-contained HTML with embedded figures, written by segment and by `cryoves report`."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from _sim_utils import probability_from_gt, small_sim
+from cryoves.cli import app
+from cryoves.errors import InputError
+from cryoves.io import write_mrc
+from cryoves.pipeline import SegmentConfig, segment
+from cryoves.report import make_report, radial_profile
+
+
+@pytest.fixture(scope="module")
+def seg_dir(tmp_path_factory):
+    sim = small_sim(1)
+    d = tmp_path_factory.mktemp("rep")
+    vs = sim.tomogram.voxel_size
+    write_mrc(d / "tomo.mrc", sim.tomogram.asarray(), vs)
+    write_mrc(d / "prob.mrc", probability_from_gt(sim.labels), vs)
+    write_mrc(d / "az.mrc", sim.active_zone_mask.astype(np.uint8), vs)
+    sim.vesicles.write_csv(d / "gt.csv")
+    out = d / "seg"
+    segment(d / "tomo.mrc", out, SegmentConfig(from_probability=str(d / "prob.mrc"), az_mask=str(d / "az.mrc")))
+    return d, out
+
+
+def test_segment_writes_self_contained_report(seg_dir):
+    _, out = seg_dir
+    html = (out / "report.html").read_text()
+    for png in ("slices", "gallery", "radius_histogram", "outliers"):
+        assert (out / "report" / f"{png}.png").stat().st_size > 1000
+    assert len(re.findall(r'src="data:image/png;base64,', html)) >= 4
+    assert not re.search(r'(src|href)="(https?:)?//', html), "report must open offline"
+    assert "Timings" in html and "Parameters" in html and "Rejected candidates" in html
+    assert "Synapse analysis" in html  # an active-zone mask was given
+
+
+def test_report_with_ground_truth_marks_misses(seg_dir):
+    d, out = seg_dir
+    r = CliRunner().invoke(app, ["report", str(out), "--ground-truth", str(d / "gt.csv")])
+    assert r.exit_code == 0, r.output
+    html = (out / "report.html").read_text()
+    assert "Evaluation against ground truth" in html and "f1_centre" in html
+
+
+def test_report_refuses_folder_without_result(tmp_path):
+    with pytest.raises(InputError, match="manifest"):
+        make_report(tmp_path)
+
+
+def test_radial_profile_of_dark_shell_has_minimum_at_membrane():
+    z, y, x = np.mgrid[:41, :41, :41]
+    d = np.sqrt((z - 20.3) ** 2 + (y - 19.8) ** 2 + (x - 20.1) ** 2)
+    vol = -np.exp(-((d - 10) ** 2) / 2)
+    r, p = radial_profile(vol, np.array([20.3, 19.8, 20.1]), 16)
+    assert abs(r[np.nanargmin(p)] - 10) <= 0.5

@@ -1,0 +1,227 @@
+"""Tests of the tomogram simulator (cryoves.simulate) and `cryoves simulate`."""
+
+from __future__ import annotations
+
+import json
+
+import mrcfile
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cryoves.cli import app
+from cryoves.errors import OutputExistsError, ParameterError
+from cryoves.simulate import SimulationConfig, randomize_config, simulate, write_simulation
+from cryoves.simulate.geometry import layout_scene
+from cryoves.simulate.imaging import back_project, project, tilt_series
+from cryoves.simulate.scene import HEADGROUP_V, LEAFLET_SIGMA_NM, TAIL_V, render_scene
+from cryoves.vesicles import VesicleTable
+
+
+@pytest.fixture(scope="module")
+def small():
+    return simulate(SimulationConfig.preset("small"), seed=0)
+
+
+def _inside(table: VesicleTable, shape) -> np.ndarray:
+    c, r = table.centres, table.radii
+    return np.all((c - r[:, None] >= 0) & (c + r[:, None] <= np.asarray(shape) - 1), axis=1)
+
+
+# ----------------------------------------------------------------------------- ground truth
+def test_small_outputs_have_declared_types_and_geometry(small):
+    cfg = small.config
+    assert small.tomogram.data.shape == cfg.shape == small.scene.shape == small.labels.shape
+    assert small.tomogram.data.dtype == np.float32 and small.scene.dtype == np.float32
+    assert small.labels.dtype == np.uint32
+    assert small.tomogram.voxel_size == (22.0, 22.0, 22.0)
+    assert small.cytoplasm_mask.dtype == bool and small.active_zone_mask.dtype == bool
+    assert small.active_zone_mask.any() and small.cytoplasm_mask.any()
+    assert len(small.vesicles) >= 5
+    assert (small.vesicles.df["source"] == "ground_truth").all()
+    assert abs(float(small.tomogram.data.mean())) < 1e-3 and abs(float(small.tomogram.data.std()) - 1) < 1e-3
+
+
+def test_labels_match_table(small):
+    t = small.vesicles
+    ids_in_volume = set(np.unique(small.labels)) - {0}
+    assert ids_in_volume == set(t.ids)
+    full = _inside(t, small.labels.shape)
+    assert full.sum() >= 2
+    for vid, c, r in zip(t.ids[full], t.centres[full], t.radii[full]):
+        vox = np.argwhere(small.labels == vid)
+        assert abs(len(vox) / (4 / 3 * np.pi * r**3) - 1) < 0.15
+        assert np.abs(vox.mean(axis=0) - c).max() < 0.3
+
+
+def test_vesicles_do_not_overlap_and_sit_in_presynaptic_ice(small):
+    t, cfg = small.vesicles, small.config
+    c, r = t.df[["z_nm", "y_nm", "x_nm"]].to_numpy(), t.df["radius_nm"].to_numpy()
+    gaps = np.linalg.norm(c[:, None] - c[None], axis=2) - r[:, None] - r[None]
+    np.fill_diagonal(gaps, np.inf)
+    assert gaps.min() >= cfg.gap_min_nm - 1e-6
+    assert (t.df["distance_to_pm_nm"] > 0).all()
+    # every centre is inside the presynaptic cytoplasm mask
+    idx = np.rint(t.centres).astype(int)
+    assert small.cytoplasm_mask[idx[:, 0], idx[:, 1], idx[:, 2]].all()
+
+
+def test_scene_membrane_lies_just_inside_the_table_radius(small):
+    """The densest shell of each vesicle in the noise-free scene is within the outer radius."""
+    t, v = small.vesicles, small.config.voxel_size_nm
+    zz, yy, xx = np.indices(small.scene.shape)
+    for c, r_nm, thick in zip(t.centres[_inside(t, small.scene.shape)], t.df["radius_nm"], t.df["membrane_thickness_nm"]):
+        d = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) * v
+        shell = (d > r_nm - thick) & (d < r_nm)
+        outside = (d > r_nm + 1.5 * v) & (d < r_nm + 3 * v)
+        lumen = d < r_nm - thick - v
+        # dense = dark in the scene: the membrane is more negative than lumen and surroundings
+        assert small.scene[shell].mean() < small.scene[lumen].mean() - 0.3
+        assert small.scene[shell].mean() < np.median(small.scene[outside]) - 0.3
+
+
+@pytest.mark.parametrize("voxel_a", [8.0, 25.0])
+def test_membrane_position_and_mass_in_nm_at_any_voxel_size(voxel_a):
+    """A bilayer of 4.5 nm at outer radius R: excess centred at R - t/2, same mass per area."""
+    cfg = SimulationConfig.preset(
+        "small", voxel_size_a=voxel_a, shape=(72, 40, 40) if voxel_a < 10 else (24, 20, 20), n_vesicles=1,
+        plasma_membrane=False, distractors=False, crowding=0.0, connectors=False, tethers=False,
+        radius_mean_nm=12.0, radius_sd_nm=0.0, large_tail_fraction=0.0, lumen_excess_v=0.0,
+    )
+    rng = np.random.default_rng(0)
+    lay = layout_scene(cfg, rng)
+    vol = render_scene(cfg, lay, rng)
+    c, r = lay.centres_nm[0], lay.radii_nm[0]
+    v = cfg.voxel_size_nm
+    zz, yy, xx = np.indices(cfg.shape)
+    d = np.sqrt((zz * v - c[0]) ** 2 + (yy * v - c[1]) ** 2 + (xx * v - c[2]) ** 2)
+    shell = (d > r - 7) & (d < r + 2.5)
+    excess = vol.potential[shell] - np.median(vol.potential[d < r - 8])
+    centre_nm = float((excess * d[shell]).sum() / excess.sum())
+    assert abs(centre_nm - (r - cfg.membrane_thickness_nm / 2)) < 0.6
+    mass_per_area = float(excess.sum() * v**3 / (4 * np.pi * (r - cfg.membrane_thickness_nm / 2) ** 2))
+    # V·nm: two head-group layers minus the light tails, independent of the voxel size
+    t = cfg.membrane_thickness_nm
+    tail_sigma = max(t / 2 - min(0.9, t / 4), 0.3) / 1.5
+    expected = np.sqrt(2 * np.pi) * (2 * HEADGROUP_V * LEAFLET_SIGMA_NM + TAIL_V * tail_sigma)
+    assert abs(mass_per_area / expected - 1) < 0.1
+    if voxel_a < 10:  # fine grid resolves both leaflets ~2.7 nm apart
+        prof_r = np.arange(r - 6.5, r + 2, 0.2)
+        prof = np.array([vol.potential[shell][np.abs(d[shell] - q) < 0.3].mean() for q in prof_r])
+        peaks = [i for i in range(1, len(prof) - 1) if prof[i] >= prof[i - 1] and prof[i] >= prof[i + 1]]
+        top = sorted(peaks, key=lambda i: -prof[i])[:2]
+        assert len(top) == 2 and 2.0 < abs(prof_r[top[0]] - prof_r[top[1]]) < 3.6
+
+
+# ----------------------------------------------------------------------------- determinism
+def test_same_seed_gives_identical_results_and_other_seed_differs(small):
+    again = simulate(SimulationConfig.preset("small"), seed=0)
+    assert np.array_equal(again.tomogram.data, small.tomogram.data)
+    assert np.array_equal(again.scene, small.scene)
+    assert np.array_equal(again.labels, small.labels)
+    other = simulate(SimulationConfig.preset("small"), seed=1)
+    assert not np.array_equal(other.tomogram.data, small.tomogram.data)
+
+
+def test_randomize_config_is_seeded_and_broad():
+    assert randomize_config(3) == randomize_config(3)
+    cfgs = [randomize_config(s, shape=(32, 48, 48)) for s in range(12)]
+    vs = [c.voxel_size_a for c in cfgs]
+    assert all(8 <= x <= 40 for x in vs) and max(vs) / min(vs) > 1.8
+    assert len({c.defocus_um for c in cfgs}) == 12
+    assert all(c.shape == (32, 48, 48) for c in cfgs)
+
+
+# ----------------------------------------------------------------------------- imaging physics
+def test_projector_is_adjoint_and_mass_preserving():
+    rng = np.random.default_rng(0)
+    vol = np.zeros((20, 3, 30), np.float32)
+    vol[5:15, :, 10:20] = rng.random((10, 3, 10))
+    angles = np.array([-50.0, -10.0, 0.0, 33.0])
+    p = project(vol, angles)
+    assert p.shape == (4, 3, 30)
+    np.testing.assert_allclose(p.sum(axis=(1, 2)), vol.sum(), rtol=1e-4)
+    y = rng.random(p.shape).astype(np.float32)
+    lhs = float((p.astype(np.float64) * y).sum())
+    rhs = float((vol.astype(np.float64) * back_project(y, angles, 20)).sum())
+    assert abs(lhs - rhs) < 1e-4 * abs(lhs)
+
+
+def test_dense_object_is_dark_in_underfocus_images():
+    cfg = SimulationConfig.preset("small", tilt_min_deg=-3, tilt_max_deg=3, tilt_step_deg=3)
+    pot = np.full((32, 48, 48), 4.0, np.float32)
+    zz, yy, xx = np.indices(pot.shape)
+    pot[(zz - 16) ** 2 + (yy - 24) ** 2 + (xx - 24) ** 2 < 25] += 2.5
+    img = tilt_series(pot, cfg, None, ice_nm=32 * 2.2)
+    assert img[1, 22:27, 22:27].mean() < img[1].mean() - 0.01
+
+
+def test_missing_wedge_is_empty_in_fourier_space(small):
+    """No power beyond the tilt range: |kz| > |kx|·tan(60°) (+5° margin) holds < 2 % of measured power."""
+    vol = small.tomogram.data - small.tomogram.data.mean()
+    pw = np.abs(np.fft.fftn(vol)) ** 2
+    kz = np.fft.fftfreq(vol.shape[0])[:, None, None]
+    kx = np.fft.fftfreq(vol.shape[2])[None, None, :]
+    ang = np.degrees(np.arctan2(np.abs(kz), np.abs(kx)))  # angle of (kx, kz) from the kx axis
+    k = np.sqrt(kz**2 + kx**2)
+    band = (k > 0.05) & (k < 0.4)
+    band = np.broadcast_to(band, pw.shape)
+    ang = np.broadcast_to(ang, pw.shape)
+    wedge = pw[band & (ang > 60 + 5)].mean()
+    measured = pw[band & (ang < 60 - 5)].mean()
+    assert wedge < 0.02 * measured
+
+
+# ----------------------------------------------------------------------------- options and files
+def test_shape_and_voxel_size_options_and_written_files(tmp_path):
+    cfg = SimulationConfig.preset("small", shape=(40, 56, 72), voxel_size_a=25.0, n_vesicles=4)
+    sim = simulate(cfg, seed=2)
+    assert sim.tomogram.shape == (40, 56, 72) and sim.tomogram.voxel_size_a == 25.0
+    assert len(sim.vesicles) > 0
+    out = write_simulation(sim, tmp_path / "sim")
+    for name in ("tomogram.mrc", "scene.mrc", "labels.mrc", "cytoplasm_mask.mrc", "active_zone_mask.mrc"):
+        with mrcfile.open(out / name) as m:
+            assert m.data.shape == (40, 56, 72)
+            assert abs(float(m.voxel_size.x) - 25.0) < 1e-4 and abs(float(m.voxel_size.z) - 25.0) < 1e-4
+    table = VesicleTable.read_csv(out / "vesicles.csv")
+    np.testing.assert_allclose(table.centres, sim.vesicles.centres, atol=1e-3)
+    assert abs(table.voxel_size - 25.0) < 1e-2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 2 and SimulationConfig.from_dict(manifest["config"]) == cfg
+    with pytest.raises(OutputExistsError):
+        write_simulation(sim, out)
+    write_simulation(sim, out, force=True)
+
+
+def test_invalid_settings_raise_parameter_error():
+    with pytest.raises(ParameterError, match="voxel size"):
+        SimulationConfig.preset("small", voxel_size_a=2.0)
+    with pytest.raises(ParameterError, match="preset"):
+        SimulationConfig.preset("nonsense")
+    with pytest.raises(ParameterError, match="tilt"):
+        SimulationConfig.preset("small", tilt_min_deg=30, tilt_max_deg=-30)
+
+
+def test_populations_presets_add_labelled_vesicles():
+    cfg = SimulationConfig.preset("dense-core", shape=(64, 128, 128), n_vesicles=3)
+    lay = layout_scene(cfg, np.random.default_rng(0))
+    assert "dense_core" in set(lay.population) and lay.dense_core.any()
+
+
+def test_cli_simulate_writes_outputs_and_refuses_overwrite(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    args = ["simulate", "-o", str(out), "--preset", "small", "--seed", "4", "--shape", "32", "48", "48",
+            "--voxel-size", "20"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (out / "manifest.json").exists() and (out / "tomogram.mrc").exists()
+    with mrcfile.open(out / "tomogram.mrc") as m:
+        assert m.data.shape == (32, 48, 48) and abs(float(m.voxel_size.x) - 20) < 1e-4
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["simulate", "-o", str(tmp_path / "r"), "--randomize", "--seed", "1",
+                              "--shape", "32", "48", "48"])
+    assert res.exit_code == 0, res.output
+    written = json.loads((tmp_path / "r" / "manifest.json").read_text())["config"]
+    assert SimulationConfig.from_dict(written) == randomize_config(1, shape=(32, 48, 48))

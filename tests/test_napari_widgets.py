@@ -68,6 +68,14 @@ def _click(viewer, qtbot, world_point, modifiers):
     canvas.events.mouse_release(pos=pos, modifiers=mods, button=1)
 
 
+def _wheel(viewer, delta, modifiers):
+    from vispy.util import keys
+
+    canvas = viewer.window._qt_viewer.canvas._scene_canvas
+    pos = (canvas.size[0] / 2, canvas.size[1] / 2)
+    canvas.events.mouse_wheel(pos=pos, delta=(0.0, delta), modifiers=tuple(getattr(keys, m.upper()) for m in modifiers))
+
+
 def _press(viewer, key):
     viewer.window._qt_viewer.canvas._key_map_handler.press_key(key)
 
@@ -124,6 +132,13 @@ def test_click_add_delete_undo_redo_save_reload(make_napari_viewer, qtbot, resul
     assert editor.selected == 1
     _press(viewer, "Shift-Up")
     assert s.row(1)["radius"] == pytest.approx(TRUTH[0, 3] + 0.5)
+    _wheel(viewer, -1.0, ["Shift"])
+    assert s.row(1)["radius"] == pytest.approx(TRUTH[0, 3])
+    _click(viewer, qtbot, (TRUTH[0, :3] + [0.0, 0.0, 1.0]) * nm, ["Control", "Alt"])  # move the selected centre
+    assert s.row(1)["x"] == pytest.approx(TRUTH[0, 2] + 1.0, abs=0.2)
+    _press(viewer, "Control-Z")
+    assert s.row(1)["x"] == TRUTH[0, 2]
+    assert not editor.labels_layer.editable  # no painting behind the table's back
     written = editor.save()
     assert written is not None and not (result_dir / RECOVERY_NAME).exists()
     reloaded = VesicleTable.read_csv(result_dir / "reviewed" / "vesicles.csv")

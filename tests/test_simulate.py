@@ -80,6 +80,18 @@ def test_scene_membrane_lies_just_inside_the_table_radius(small):
         assert small.scene[shell].mean() < np.median(small.scene[outside]) - 0.3
 
 
+def test_vesicle_membranes_are_dark_in_the_tomogram(small):
+    """Dense = dark in the reconstruction, at the ground-truth positions (averaged over vesicles)."""
+    t, vol = small.vesicles, small.tomogram.data
+    zz, yy, xx = np.indices(vol.shape)
+    shell_vals, ring_vals = [], []
+    for c, r in zip(t.centres, t.radii):
+        d = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2)
+        shell_vals.append(vol[(d > r - 1.5) & (d <= r)].mean())
+        ring_vals.append(vol[(d > r - 4) & (d < r - 2)].mean())  # lumen just inside the membrane
+    assert np.mean(shell_vals) < np.mean(ring_vals) - 0.1
+
+
 @pytest.mark.parametrize("voxel_a", [8.0, 25.0])
 def test_membrane_position_and_mass_in_nm_at_any_voxel_size(voxel_a):
     """A bilayer of 4.5 nm at outer radius R: excess centred at R - t/2, same mass per area."""
@@ -225,3 +237,51 @@ def test_cli_simulate_writes_outputs_and_refuses_overwrite(tmp_path):
     assert res.exit_code == 0, res.output
     written = json.loads((tmp_path / "r" / "manifest.json").read_text())["config"]
     assert SimulationConfig.from_dict(written) == randomize_config(1, shape=(32, 48, 48))
+
+
+def _high_freq_share(vol: np.ndarray) -> float:
+    p = np.abs(np.fft.rfftn(vol - vol.mean())) ** 2
+    kx = np.fft.rfftfreq(vol.shape[2])[None, None, :]
+    ky = np.fft.fftfreq(vol.shape[1])[None, :, None]
+    return float(p[np.broadcast_to(np.sqrt(kx**2 + ky**2) > 0.25, p.shape)].sum() / p.sum())
+
+
+def test_sirt_like_reconstruction_and_post_filters_damp_high_frequencies():
+    base = dict(shape=(32, 48, 48), n_vesicles=3, distractors=False)
+    ref = _high_freq_share(simulate(SimulationConfig.preset("small", **base), seed=5).tomogram.data)
+    for extra in ({"reconstruction": "sirt-like"}, {"post_filter": "gaussian"}, {"post_filter": "diffusion"}):
+        vol = simulate(SimulationConfig.preset("small", **base, **extra), seed=5).tomogram.data
+        assert np.isfinite(vol).all()
+        assert _high_freq_share(vol) < 0.8 * ref, extra
+
+
+def test_ice_thicker_than_box_lets_vesicles_cross_z_faces_and_randomized_volumes_are_valid():
+    cfg = SimulationConfig.preset("small", ice_thickness_nm=400.0, n_vesicles=25)
+    sim = simulate(cfg, seed=0)
+    t = sim.vesicles
+    assert len(t) > 5
+    assert np.all((t.centres >= 0) & (t.centres <= np.asarray(cfg.shape) - 1))
+    cut_in_z = (t.centres[:, 0] - t.radii < 0) | (t.centres[:, 0] + t.radii > cfg.shape[0] - 1)
+    assert cut_in_z.any()
+    assert sim.cytoplasm_mask[0].any() and sim.cytoplasm_mask[-1].any()  # ice fills the box
+    for s in range(3):
+        r = simulate(randomize_config(s, shape=(32, 48, 48)), seed=s)
+        assert np.isfinite(r.tomogram.data).all() and r.tomogram.shape == (32, 48, 48)
+        assert set(np.unique(r.labels)) - {0} == set(r.vesicles.ids)
+
+
+def test_synapse_layout_has_clustered_nearly_touching_vesicles_and_border_cuts():
+    cfg = SimulationConfig.preset("synapse")
+    lay = layout_scene(cfg, np.random.default_rng(0))
+    c, r = lay.centres_nm, lay.radii_nm
+    assert 100 <= len(r) <= 500
+    gaps = np.linalg.norm(c[:, None] - c[None], axis=2) - r[:, None] - r[None]
+    np.fill_diagonal(gaps, np.inf)
+    nearest = gaps.min(axis=1)
+    assert nearest.min() >= cfg.gap_min_nm - 1e-9
+    assert np.mean(nearest <= cfg.gap_max_nm) > 0.6
+    assert abs(np.median(r) - cfg.radius_mean_nm) < 1.5 and r.max() > cfg.radius_mean_nm + 2 * cfg.radius_sd_nm
+    cut = ((c - r[:, None] < 0) | (c + r[:, None] > lay.box_nm)).any(axis=1)
+    assert cut.any()
+    kinds = {o.kind for o in lay.obstacles}
+    assert {"mitochondrion", "endosome", "microtubule", "actin", "dense_clump"} <= kinds

@@ -46,7 +46,8 @@ def cache(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------- the loop
 def test_loss_falls_and_best_checkpoint_loads_back(tmp_path, cache):
     cfg = _tiny(tmp_path / "run", cache, **{"optim.steps": 30, "val_every": 30, "log_every": 10, "optim.lr": 0.02,
-                                           "optim.foreground_fraction": 1.0, "augment.p": 0.0})
+                                           "optim.foreground_fraction": 1.0, "augment.p": 0.0,
+                                           "optim.bn_momentum": 0.3})
     res = train(cfg, progress=False)
     h = res.history
     assert list(h["step"]) == [10, 20, 30]
@@ -69,6 +70,7 @@ def test_loss_falls_and_best_checkpoint_loads_back(tmp_path, cache):
     assert (tmp_path / "run" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_other_seed_differs(tmp_path, cache):
     a = train(_tiny(tmp_path / "a", cache, **{"optim.steps": 3, "val_every": 3}), progress=False)
     b = train(_tiny(tmp_path / "b", cache, **{"optim.steps": 3, "val_every": 3}), progress=False)
@@ -78,6 +80,7 @@ def test_same_seed_same_run_other_seed_differs(tmp_path, cache):
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, cache):
     straight = train(_tiny(tmp_path / "s", cache, **{"optim.steps": 6, "checkpoint_every": 3}), progress=False)
     part = _tiny(tmp_path / "r", cache, **{"optim.steps": 6, "checkpoint_every": 3})
@@ -234,7 +237,7 @@ def test_loss_ignores_voxels_outside_the_weight_mask():
 
 
 def test_learning_rate_warms_up_then_decays_with_steps_or_time():
-    cfg = TrainConfig().replace(**{"optim.steps": 100, "optim.warmup_steps": 10, "optim.lr": 1.0,
+    cfg = TrainConfig().replace(**{"data.simulated.fraction": 1.0, "optim.steps": 100, "optim.warmup_steps": 10, "optim.lr": 1.0,
                                    "optim.final_lr_fraction": 0.0})
     assert lr_at(0, cfg) == pytest.approx(0.1)
     assert lr_at(9, cfg) == pytest.approx(1.0)

@@ -44,7 +44,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from cryoves.errors import InputError, OutputExistsError, VoxelSizeError
-from cryoves.io.atomic import atomic_path, write_json_atomic
+from cryoves.io.atomic import atomic_path, make_dir, write_json_atomic
 from cryoves.vesicles import VesicleTable
 
 log = logging.getLogger(__name__)
@@ -485,7 +485,7 @@ def write_evaluation(result: EvaluationResult, outdir: str | Path, force: bool =
     target = outdir / "evaluation.json"
     if target.exists() and not force:
         raise OutputExistsError(f"{outdir} already holds an evaluation; pass --force or choose another --output")
-    outdir.mkdir(parents=True, exist_ok=True)
+    make_dir(outdir)
     for name, df in (("matches", result.matches), ("misses", result.misses),
                      ("false_positives", result.false_positives)):
         with atomic_path(outdir / f"{name}.csv") as tmp:

@@ -8,6 +8,7 @@ last so a folder without it is never mistaken for a complete result.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -283,7 +284,31 @@ def segment(
     each step; ``should_stop()`` returning True raises :class:`~cryoves.errors.Cancelled`.
     ``model`` is an already loaded model (``cryoves.model.load_model``) to use instead of
     ``config.model`` (batch workers load it once); ``keep_stages`` keeps intermediate labels.
+    On an error the output folder is left without partial files (and removed if this call
+    created it and it is empty).
     """
+    created = outdir is not None and not Path(outdir).exists()
+    try:
+        return _segment(tomo, outdir, config, force=force, progress=progress, should_stop=should_stop,
+                        keep_stages=keep_stages, model=model)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                Path(outdir).rmdir()  # only succeeds when empty
+        raise
+
+
+def _segment(
+    tomo: Tomogram | str | os.PathLike,
+    outdir: str | os.PathLike | None,
+    config: SegmentConfig | None,
+    *,
+    force: bool,
+    progress: Progress | None,
+    should_stop: Callable[[], bool] | None,
+    keep_stages: bool,
+    model: Any,
+) -> SegmentResult:
     from cryoves.postprocess.adaptive import label_vesicles
     from cryoves.postprocess.masks import restrict_probability, vesicles_in_region
     from cryoves.postprocess.outliers import repair
@@ -401,11 +426,35 @@ def _write_outputs(
     manifest: dict[str, Any],
     steps: _Steps,
 ) -> None:
+    # An older manifest would make a half-rewritten folder look complete: remove it first.
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    try:
+        _write_result_files(out, tomo, vesicles, rejected, prob, labels, cyto, az, manifest, steps)
+    except BaseException:
+        # e.g. disk full half-way: leave no partial result (the manifest is already gone)
+        from cryoves.io.pyto import ids_path
+
+        for name in [*OUTPUT_FILES.values(), ids_path(out / OUTPUT_FILES["pyto"]).name]:
+            with contextlib.suppress(OSError):
+                (out / name).unlink(missing_ok=True)
+        raise
+
+
+def _write_result_files(
+    out: Path,
+    tomo: Tomogram,
+    vesicles: VesicleTable,
+    rejected: pd.DataFrame,
+    prob: np.ndarray,
+    labels: np.ndarray,
+    cyto: np.ndarray | None,
+    az: np.ndarray | None,
+    manifest: dict[str, Any],
+    steps: _Steps,
+) -> None:
     from cryoves.io.imod import write_vesicles_mod
     from cryoves.io.tables import write_vesicles
 
-    # An older manifest would make a half-rewritten folder look complete: remove it first.
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
     t0 = time.perf_counter()
     f = OUTPUT_FILES
     vs, origin = tomo.voxel_size, tomo.origin

@@ -504,14 +504,14 @@ def predict_tomogram(
     kept unless ``force``) and returned as a read-only memory map; every full-size intermediate
     is then a temporary memory map beside it, so tomograms larger than RAM work.
     """
-    from cryoves.io.atomic import check_file_output
+    from cryoves.io.atomic import check_file_output, make_dir
     from cryoves.preprocess import _target_shape, model_grid_scale
 
     t0 = time.perf_counter()
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         check_file_output(out_path, force=force)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(out_path.parent)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     info = loaded.info
     dev = choose_device(device)

@@ -217,11 +217,19 @@ def normalise(
     s = _sample(arr)
     if method == "robust_zscore":
         lo, hi = np.percentile(s, percentiles)
-        s = np.clip(s, lo, hi)
-        np.clip(arr, lo, hi, out=arr)
+        if lo < hi:
+            s = np.clip(s, lo, hi)
+            np.clip(arr, lo, hi, out=arr)
+        else:
+            # > 99 % of the voxels share one value (e.g. int8 with a narrow range): clipping
+            # would make the volume constant, so z-score the unclipped values instead
+            log.warning("intensity percentiles %s are equal (%g); normalising without clipping", percentiles, lo)
     mean, std = float(s.mean()), float(s.std())
     if not std > 0:
-        raise InputError("the volume is constant (zero standard deviation); nothing to segment")
+        raise InputError(
+            f"the volume is constant (every voxel is {mean:g}); nothing to segment - check that the file "
+            "holds the reconstructed tomogram"
+        )
     arr -= np.float32(mean)
     arr *= np.float32(1.0 / std)
     return arr

@@ -26,7 +26,7 @@ def _as_output_error(exc: OSError, path: Path) -> OutputError:
         return OutputError(f"disk full while writing {path}; free space or choose another --output")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OutputError(f"cannot write {path}: permission denied; choose a writable --output")
-    return OutputError(f"cannot write {path}: {exc.strerror or exc}")
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}; choose another --output")
 
 
 @contextlib.contextmanager
@@ -143,6 +143,16 @@ def prepare_output_dir(outdir: str | os.PathLike, *, force: bool = False) -> Pat
     except OSError as exc:
         raise _as_output_error(exc, outdir) from exc
     return outdir
+
+
+def make_dir(path: str | os.PathLike) -> Path:
+    """Create folder ``path`` (and its parents); an OSError becomes an :class:`OutputError` naming the fix."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _as_output_error(exc, path) from exc
+    return path
 
 
 def check_file_output(target: str | os.PathLike, *, force: bool = False) -> Path:

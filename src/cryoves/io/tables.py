@@ -251,6 +251,7 @@ def convert_vesicles(
         raise ParameterError(
             f"writing the label volume {dst.name} needs the grid: pass --shape Z Y X or --like TOMOGRAM"
         )
+    _check_inside(table, grid, src)
     if dst_kind == "labels":
         return _write_volume(dst, table.to_labels(grid, dtype=_label_dtype(table)), table.voxel_size, origin)
     from cryoves.io.pyto import write_pyto_labels
@@ -278,6 +279,21 @@ def _grid(shape: Any, like: str | Path | None) -> tuple[Any, tuple[float, float,
         v = float(ref.voxel_size[2])
         return ref.shape, ref.origin, v if np.isfinite(v) and v > 0 else None
     return None, (0.0, 0.0, 0.0), None
+
+
+def _check_inside(table: VesicleTable, grid: tuple[int, ...], src: Path) -> None:
+    """Refuse a table none of whose centres lie on ``grid`` (z, y, x): it belongs to another volume."""
+    if not len(table):
+        return
+    c = table.centres
+    inside = np.all((c >= -0.5) & (c < np.asarray(grid, dtype=float) - 0.5), axis=1)
+    if not inside.any():
+        raise InputError(
+            f"all {len(table)} vesicles of {src} lie outside the grid (z, y, x) = {tuple(grid)}; "
+            "the table belongs to another (e.g. binned) tomogram - give the matching --like or --shape"
+        )
+    if not inside.all():
+        log.warning("%s: %d of %d vesicle centres lie outside the grid %s", src, int((~inside).sum()), len(table), grid)
 
 
 def _label_dtype(table: VesicleTable) -> Any:

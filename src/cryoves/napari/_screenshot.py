@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def make_screenshot(path: str | Path, *, model: str = "cryovesnet", shape: tuple[int, int, int] = (96, 192, 192),
-                    seed: int = 0, size: tuple[int, int] = (1400, 900)) -> Path:
+                    seed: int = 0, size: tuple[int, int] = (1700, 950)) -> Path:
     """Write a PNG of napari with the editor docked, on a simulated synapse of ``shape`` (z, y, x)."""
     import napari
     import numpy as np
@@ -47,8 +47,13 @@ def make_screenshot(path: str | Path, *, model: str = "cryovesnet", shape: tuple
         viewer.layers.selection.active = editor.labels_layer
         from qtpy.QtWidgets import QApplication
 
+        from napari._qt.dialogs.qt_notification import NapariQtNotification
+
         for _ in range(20):  # let Qt lay out the docked editor before grabbing the window
             QApplication.processEvents()
+        for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+            toast.close()  # napari's own start-up notices would cover the canvas
+        QApplication.processEvents()
         if not editor.isVisible():
             raise RuntimeError("the editor widget is not visible; the screenshot would not show it")
         out = Path(path)

@@ -62,8 +62,8 @@ MOUSE_HELP = [
     ("Shift+click", "add a vesicle (radial-profile fit; manual sphere if it fails)"),
     ("Ctrl+click", "select a vesicle"),
     ("Ctrl+Shift+click", "delete the vesicle under the cursor"),
-    ("Alt+click", "move the selected centre here"),
-    ("Alt+wheel", "change the selected radius"),
+    ("Ctrl+Alt+click", "move the selected centre here"),
+    ("Shift+wheel", "change the selected radius"),
 ]
 RADIUS_STEP = 0.5
 _MOVES = {
@@ -209,6 +209,10 @@ class VesicleEditorWidget(QWidget):
                 None,
             )
         self.labels_layer = self.viewer.add_labels(session.labels, name="vesicles", scale=scale, opacity=0.35)
+        # painting would bypass the table, which is the truth; edits go through the session only
+        self.labels_layer.editable = False
+        if self.viewer.dims.ndim == 3:
+            self.viewer.dims.axis_labels = ("z", "y", "x")
         self.points_layer = self.viewer.add_points(session.table.centres, **points_kwargs(session.table, "vesicles (spheres)", scale))
         self.rejected_layer = self.viewer.add_points(
             np.zeros((0, 3)), name="rejected candidates", scale=scale, face_color="transparent",
@@ -316,14 +320,14 @@ class VesicleEditorWidget(QWidget):
             self.select_at(point)
         elif mods == {"Control", "Shift"}:
             self.delete_at(point)
-        elif mods == {"Alt"}:
+        elif mods == {"Control", "Alt"}:  # plain Alt+drag is napari's zoom box
             self.move_selected_to(point)
 
     def _on_wheel(self, layer, event) -> None:
         if self.session is None or self.selected is None:
             return
         mods = {str(getattr(m, "name", m)) for m in event.modifiers}
-        if mods != {"Alt"}:
+        if mods != {"Shift"}:  # napari uses Ctrl+wheel (slices) and Alt+wheel (layers)
             return
         delta = np.asarray(event.delta, float)
         step = delta[np.argmax(np.abs(delta))] if delta.size else 0.0

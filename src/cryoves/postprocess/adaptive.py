@@ -84,11 +84,23 @@ def _try_split(prob_box: np.ndarray, obj: np.ndarray, t0: float, min_piece: int)
     return None
 
 
-def _needs_split(volume: int, extent: float, mean_v: float, std_v: float, median_v: float, opts: dict) -> bool:
+def _elongation(mask: np.ndarray) -> float:
+    """Largest distance of a voxel from the object's centroid over its equivalent-ball radius.
+
+    About 1 for a ball; about 1.6 for two touching equal balls."""
+    pts = np.argwhere(mask).astype(np.float64)
+    if len(pts) < 2:
+        return 1.0
+    dmax = np.sqrt(((pts - pts.mean(axis=0)) ** 2).sum(axis=1).max()) + 0.5
+    return float(dmax / _equiv_radius(len(pts)))
+
+
+def _needs_split(volume: int, extent: float, elong: float, stats: tuple[float, float, float], opts: dict) -> bool:
+    mean_v, std_v, median_v = stats
     z = (volume - mean_v) / std_v if std_v > 0 else 0.0
     if extent < opts["split_extent"] and z > opts["split_zscore"]:
         return True
-    return volume > opts["split_volume_factor"] * median_v
+    return volume > opts["split_volume_factor"] * median_v or elong > opts["split_elongation"]
 
 
 def _separate(prob, labels, threshold, min_piece, opts) -> int:
@@ -97,11 +109,15 @@ def _separate(prob, labels, threshold, min_piece, opts) -> int:
     if len(objs) < 2:
         return 0
     vols = np.array([o.volume for o in objs], float)
-    mean_v, std_v, median_v = vols.mean(), vols.std(), float(np.median(vols))
+    stats = (vols.mean(), vols.std(), float(np.median(vols)))
     next_id = int(labels.max()) + 1
     n_splits = 0
     # queue of (id, box, threshold, depth)
-    queue = [(o.id, o.box, threshold, 0) for o in objs if _needs_split(o.volume, o.extent, mean_v, std_v, median_v, opts)]
+    queue = [
+        (o.id, o.box, threshold, 0)
+        for o in objs
+        if _needs_split(o.volume, o.extent, _elongation(labels[o.box] == o.id), stats, opts)
+    ]
     while queue:
         oid, box, t0, depth = queue.pop()
         if depth >= opts["max_split_depth"]:
@@ -125,7 +141,7 @@ def _separate(prob, labels, threshold, min_piece, opts) -> int:
             sub = tuple(slice(int(i.min()) + s.start, int(i.max()) + 1 + s.start) for i, s in zip(idx, pbox))
             vol = int(pm.sum())
             ext = vol / float(np.prod([s.stop - s.start for s in sub]))
-            if _needs_split(vol, ext, mean_v, std_v, median_v, opts):
+            if _needs_split(vol, ext, _elongation(pm), stats, opts):
                 queue.append((int(nid), sub, th, depth + 1))
     return n_splits
 
@@ -175,6 +191,7 @@ def label_vesicles(
     split_extent: float = 0.5,
     split_zscore: float = 1.0,
     split_volume_factor: float = 1.8,
+    split_elongation: float = 1.3,
     max_split_depth: int = 4,
     box_pad: int = 10,
     expand_step: float = 0.025,
@@ -183,8 +200,9 @@ def label_vesicles(
     """Label vesicles in a probability map (z, y, x) thresholded at ``threshold``.
 
     Steps: 6-connected components of ``prob > threshold``; if ``separate``, merged objects (extent <
-    ``split_extent`` with volume z-score > ``split_zscore``, or volume > ``split_volume_factor`` x the
-    median) are split by raising the threshold locally (fresh ids, recursive up to ``max_split_depth``);
+    ``split_extent`` with volume z-score > ``split_zscore``, volume > ``split_volume_factor`` x the
+    median, or elongation -- farthest voxel from the centroid over the equivalent-ball radius -- above
+    ``split_elongation``) are split by raising the threshold locally (fresh ids, recursive up to ``max_split_depth``);
     if ``expand``, objects smaller than the minimum volume are grown by lowering the threshold in steps of
     ``expand_step`` down to ``expand_min`` (never into a neighbour); finally objects with extent outside
     ``extent_range`` or volume below ``min_volume_fraction`` x a ball of radius ``min_radius_nm`` (nm;
@@ -202,6 +220,7 @@ def label_vesicles(
         split_extent=split_extent,
         split_zscore=split_zscore,
         split_volume_factor=split_volume_factor,
+        split_elongation=split_elongation,
         max_split_depth=max_split_depth,
         box_pad=int(box_pad),
         expand_step=expand_step,

@@ -88,7 +88,7 @@ class SphereFit:
 class FitOptions:
     """Settings of the radial-profile fit (lengths in voxels unless stated)."""
 
-    margin: float = 4.0
+    margin: float = 2.0
     max_iter: int = 10
     tol: float = 0.05
     bin_width: float = 0.5
@@ -151,10 +151,18 @@ def _extract_masked(
     cs, rs = np.asarray(others[0], float), np.asarray(others[1], float)
     gap = np.linalg.norm(np.clip(cs, lo, hi) - cs, axis=1) - rs
     for c, r in zip(cs[gap < reach], rs[gap < reach]):
+        # masked voxels lie within reach + r of c: only that part of the box is computed
+        ext = reach + r
+        a = np.maximum(np.floor(c - ext).astype(int) - lo, 0)
+        b = np.minimum(np.ceil(c + ext).astype(int) - lo + 1, n)
+        if np.any(b <= a):
+            continue
+        sl = tuple(slice(i, j) for i, j in zip(a, b))
         # |x - c| - r < own  <=>  |x - c|^2 < (own + r)^2 where own + r > 0
-        lim = own + np.float32(r)
-        d2 = (gz - np.float32(c[0])) ** 2 + (gy - np.float32(c[1])) ** 2 + (gx - np.float32(c[2])) ** 2
-        box[(lim > 0) & (d2 < lim * lim)] = np.nan
+        lim = own[sl] + np.float32(r)
+        d2 = (gz[sl[0]] - np.float32(c[0])) ** 2 + (gy[:, sl[1]] - np.float32(c[1])) ** 2 + (gx[:, :, sl[2]] - np.float32(c[2])) ** 2
+        sub = box[sl]
+        sub[(lim > 0) & (d2 < lim * lim)] = np.nan
     return box, origin
 
 
@@ -329,7 +337,8 @@ def _gn_shift(box: np.ndarray, geo: _Geometry, r: np.ndarray, p: np.ndarray, win
 
 
 def _half_size(radius: float, opts: FitOptions) -> int:
-    return int(np.ceil(radius + max(opts.max_thickness, 0.35 * radius) + opts.margin))
+    """Half edge of the fitting box: the membrane, the outside level beyond it, and ``margin``."""
+    return int(np.ceil(radius + max(5.0, 0.3 * radius) + opts.margin))
 
 
 def _fit(
@@ -352,6 +361,7 @@ def _fit(
         r, p = _radial_profile(box, geo, opts.bin_width)
         mem = _membrane(r, p, r_cur, opts)
         r_cur = mem.outer
+        last = (box, geo, r, p, mem)
         if geo.w_cc is not geo.w:  # the rotational average used for centring sees no caps either
             r, p = _radial_profile(box, geo, opts.bin_width, centring=True)
         window = r_cur + max(3.0, 0.3 * r_cur)
@@ -372,10 +382,13 @@ def _fit(
         if final_step and not coarse and np.max(np.abs(s)) < opts.tol:
             converged = True
             break
-    box, origin = _extract_masked(volume, c, r_cur, _half_size(r_cur, opts), others)
-    geo = _Geometry(box, origin, c, opts)
-    r, p = _radial_profile(box, geo, opts.bin_width)
-    mem = _membrane(r, p, r_cur, opts)
+    if converged:  # the last shift was below tol: reuse that iteration's box and profile
+        box, geo, r, p, mem = last
+    else:
+        box, origin = _extract_masked(volume, c, r_cur, _half_size(r_cur, opts), others)
+        geo = _Geometry(box, origin, c, opts)
+        r, p = _radial_profile(box, geo, opts.bin_width)
+        mem = _membrane(r, p, r_cur, opts)
     good = np.isfinite(p)
     a = np.interp(geo.d, r[good], p[good])
     sel = (geo.w > 0) & (geo.d <= mem.outer + 2)

@@ -96,6 +96,9 @@ class SimulationConfig:
         noise: add shot noise (False: noise-free projections, still CTF-filtered).
         detector_dqe: detective quantum efficiency; the shot noise is that of dose × DQE.
         alignment_error_nm: sd of random per-tilt image shifts (x and y) left after alignment.
+        motion_blur_nm: sd of a Gaussian image blur from beam-induced motion.
+        radiation_damage: attenuate each tilt for the dose received before it (dose-symmetric
+            order, critical-exposure model of Grant & Grigorieff).
         reconstruction: "wbp" (weighted back-projection, ramp filter) or "sirt-like"
             (ramp filter modified to mimic ``sirt_iterations`` SIRT iterations).
         radial_cutoff, radial_falloff: Gaussian roll-off of the filter (cycles/pixel, as IMOD).
@@ -156,6 +159,8 @@ class SimulationConfig:
     noise: bool = True
     detector_dqe: float = 0.5
     alignment_error_nm: float = 0.5
+    motion_blur_nm: float = 0.5
+    radiation_damage: bool = True
     reconstruction: str = "wbp"
     sirt_iterations: int = 15
     radial_cutoff: float = 0.35
@@ -281,7 +286,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def randomize_config(rng_or_seed: Any = None, shape: tuple[int, int, int] | None = None) -> SimulationConfig:
     """Draw a configuration from broad ranges (domain randomisation for training).
 
-    Voxel size 8–40 Å, defocus 2–10 µm, dose 40–180 e/Å², tilt range ±45–±70° at 1.5–4°,
+    Voxel size 8–40 Å, defocus 2–10 µm, dose 60–180 e/Å² (DQE 0.25–0.8), tilt range ±45–±70° at 1.5–4°,
     B-factor 50–1500 Å², reconstruction and post-filter, crowding 0.3–2, SV radius mean 15–28 nm
     and sd 1.5–5 nm, gaps, membrane orientation/curvature, extra populations. ``shape`` defaults
     to (128, 192, 192).
@@ -325,6 +330,7 @@ def randomize_config(rng_or_seed: Any = None, shape: tuple[int, int, int] | None
         crowding_patchiness=float(rng.uniform(0.0, 0.7)),
         detector_dqe=float(rng.uniform(0.25, 0.8)),
         alignment_error_nm=float(rng.uniform(0.0, 1.5)),
+        motion_blur_nm=float(rng.uniform(0.0, 1.5)),
         connectors=bool(rng.random() < 0.8),
         tethers=bool(rng.random() < 0.8),
         distractors=bool(rng.random() < 0.9),
@@ -340,7 +346,7 @@ def randomize_config(rng_or_seed: Any = None, shape: tuple[int, int, int] | None
         amplitude_contrast=float(rng.uniform(0.05, 0.12)),
         defocus_um=float(rng.uniform(2.0, 10.0)),
         bfactor_a2=float(rng.uniform(50, 1500)),
-        dose_e_per_a2=float(rng.uniform(40, 180)),
+        dose_e_per_a2=float(rng.uniform(60, 180)),
         reconstruction=str(rng.choice(["wbp", "wbp", "sirt-like"])),
         sirt_iterations=int(rng.integers(5, 30)),
         radial_cutoff=float(rng.uniform(0.3, 0.5)),

@@ -405,8 +405,11 @@ def _place_one(placer, cfg, rng, membrane, cluster_centre, box, ice, r, clustere
                 ang, rad = rng.uniform(0, 2 * np.pi), membrane.az_radius_nm * np.sqrt(rng.random())
                 dist = -(r + membrane.thickness_nm / 2 + rng.uniform(0.5, 3.0))
             else:
-                ang, rad = rng.uniform(0, 2 * np.pi), abs(rng.normal(0, 1.3 * membrane.az_radius_nm))
-                dist = -(r + membrane.thickness_nm / 2 + cfg.gap_min_nm + rng.exponential(cfg.cluster_distance_nm))
+                # spreads are capped by the box so that small boxes still get a cluster
+                lateral = min(1.3 * membrane.az_radius_nm, 0.5 * float(box.max()))
+                depth = min(cfg.cluster_distance_nm, 0.3 * float(box[1:].max()))
+                ang, rad = rng.uniform(0, 2 * np.pi), abs(rng.normal(0, lateral))
+                dist = -(r + membrane.thickness_nm / 2 + cfg.gap_min_nm + rng.exponential(depth))
             w = membrane.az_w_nm + rad * np.cos(ang)
             zr = membrane.az_z_nm + rad * np.sin(ang)
             c = np.asarray(membrane.point(w, zr, dist), dtype=float).reshape(3)

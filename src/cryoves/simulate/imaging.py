@@ -124,6 +124,13 @@ def tilt_series(
     h = ctf_transfer(shp, cfg)
     ky = sfft.fftfreq(shp[0])[:, None]
     kx = sfft.fftfreq(shp[1])[None, :]
+    # per-tilt envelope: radiation damage for the dose received before this tilt (dose-symmetric
+    # order, Grant & Grigorieff 2015 critical exposure) and beam-induced motion blur
+    k = np.sqrt(ky**2 + kx**2) / v  # 1/Å
+    crit = 0.245 * np.maximum(k, 1e-6) ** -1.665 + 2.81
+    order = np.argsort(np.argsort(np.abs(angles) + 1e-3 * (angles < 0)))
+    dose_before = (order + 0.5) * cfg.dose_e_per_a2 / len(angles)
+    blur = np.exp(-2 * np.pi**2 * (cfg.motion_blur_nm * 10) ** 2 * k**2)
     shifts = np.zeros((len(angles), 2))
     if rng is not None and cfg.alignment_error_nm > 0:
         shifts = rng.normal(0, cfg.alignment_error_nm * 10 / v, (len(angles), 2))
@@ -132,9 +139,12 @@ def tilt_series(
         phi = sigma * proj[t].astype(np.float64)
         phi -= phi.mean()
         wave = np.exp((1j - a) * np.pad(phi, pad, mode="reflect")).astype(np.complex64)
-        ht = h
+        ht = h * blur
+        if cfg.radiation_damage:
+            ht = ht * np.exp(-dose_before[t] / (2 * crit))
+        ht = ht.astype(np.complex64)
         if shifts[t].any():  # residual misalignment: the image lands shifted on the detector
-            ht = h * np.exp(-2j * np.pi * (ky * shifts[t, 0] + kx * shifts[t, 1])).astype(np.complex64)
+            ht = ht * np.exp(-2j * np.pi * (ky * shifts[t, 0] + kx * shifts[t, 1])).astype(np.complex64)
         img = sfft.ifft2(sfft.fft2(wave) * ht)[pad:-pad or None, pad:-pad or None]
         inten = (img.real**2 + img.imag**2) * np.exp(-ice_nm / (cfg.inelastic_mfp_nm * cos[t, 0]))
         if rng is not None:
@@ -178,7 +188,7 @@ def post_filter(vol: np.ndarray, cfg: SimulationConfig) -> np.ndarray:
     return vol
 
 
-def anisotropic_diffusion(vol: np.ndarray, iterations: int, kappa_quantile: float = 0.7, dt: float = 0.14) -> np.ndarray:
+def anisotropic_diffusion(vol: np.ndarray, iterations: int, kappa_quantile: float = 0.9, dt: float = 0.14) -> np.ndarray:
     """Perona–Malik diffusion (exponential conductance), κ from the gradient-magnitude quantile."""
     u = vol.astype(np.float32).copy()
     kappa = None

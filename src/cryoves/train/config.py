@@ -96,7 +96,11 @@ class AugmentConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay to ``lr * final_lr_fraction``."""
+    """AdamW with linear warm-up then cosine decay to ``lr * final_lr_fraction``.
+
+    ``bn_momentum`` is the BatchNorm running-statistics update rate while training (PyTorch
+    convention; Keras' default 0.99 corresponds to 0.01, too slow for short runs).
+    """
 
     steps: int = 2000
     batch_size: int = 4
@@ -109,6 +113,7 @@ class OptimConfig:
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     grad_clip: float = 5.0
+    bn_momentum: float = 0.05
 
 
 @dataclass

@@ -303,6 +303,9 @@ def _build_net(cfg: TrainConfig, device: torch.device):
         net = UNet3D(depth=a.depth, base_filters=a.base_filters, convs_per_level=a.convs_per_level,
                      batch_norm=a.batch_norm, dropout=a.dropout)
         info = None
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = cfg.optim.bn_momentum
     if cfg.optim.patch_size % net.divisor:
         raise ParameterError(f"optim.patch_size must be a multiple of {net.divisor} for this network")
     return net.to(device).train(), info

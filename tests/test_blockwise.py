@@ -1,0 +1,106 @@
+"""One tomogram split across a 2-worker LocalCluster: blockwise prediction and sphere fitting equal
+the single-process results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from _post_utils import random_scene
+from _predict_utils import random_model, vesicle_volume
+from cryoves.blockwise import fit_spheres_blockwise, plan_blocks, predict_blockwise
+from cryoves.errors import ParameterError
+from cryoves.io.tomogram import Tomogram
+from cryoves.postprocess import fit_spheres, label_vesicles
+from cryoves.predict import plan_tiles, predict_tomogram
+
+distributed = pytest.importorskip("distributed")
+
+TILE = 64  # smallest tile the default context (24) allows: many tiles on a small volume
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    from cryoves.batch import _torch_threads_plugin
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=0)
+    c = Client(cluster)
+    c.register_plugin(_torch_threads_plugin(1))
+    yield c
+    c.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(0)
+
+
+def test_plan_blocks_partitions_the_single_process_tiles():
+    shape = (70, 150, 131)
+    tiles = plan_tiles(shape, TILE)
+    blocks = plan_blocks(shape, (30, 64, 50), TILE)
+    assert len(blocks) >= 8
+    cover = np.zeros(shape, np.int32)
+    for b in blocks:
+        cover[b.keep] += 1
+        for t in b.tiles:
+            assert all(bs.start <= ts.start and ts.stop <= bs.stop for bs, ts in zip(b.src, t.src))
+            assert all(bk.start <= tk.start and tk.stop <= bk.stop for bk, tk in zip(b.keep, t.keep))
+    assert (cover == 1).all()
+    got = sorted((tuple((s.start, s.stop) for s in t.src), tuple((s.start, s.stop) for s in t.keep))
+                 for b in blocks for t in b.tiles)
+    want = sorted((tuple((s.start, s.stop) for s in t.src), tuple((s.start, s.stop) for s in t.keep)) for t in tiles)
+    assert got == want
+    with pytest.raises(ParameterError):
+        plan_blocks(shape, (0, 64, 64), TILE)
+
+
+def test_predict_blockwise_equals_single_process(client, model, tmp_path):
+    # 44 Å voxels -> resampled 2x onto the 22 Å model grid (96 x 128 x 112), split into 2 x 2 x 2 blocks
+    tomo = Tomogram(vesicle_volume((48, 64, 56), n=6, seed=1), 44.0)
+    single = predict_tomogram(tomo, model, device="cpu", tile=TILE, progress=False)
+    res = predict_blockwise(tomo, model, client, block=(48, 64, 56), out=tmp_path / "p.zarr", device="cpu",
+                            tile=TILE, progress=False)
+    assert res.info["blocks"] >= 4 and res.info["tiles"] == single.info["tiles"]
+    assert res.info["inverted"] == single.info["inverted"]
+    blockwise = np.asarray(res.prob[...])
+    assert blockwise.shape == tomo.shape and (tmp_path / "p.zarr").is_dir()
+    # not bit-identical only because oneDNN rounds differently with 1 (worker) vs 2 (single) threads
+    np.testing.assert_allclose(blockwise, single.prob, atol=1e-6, rtol=0)
+    assert not any(p.name.startswith(".cryoves-blockwise") for p in tmp_path.iterdir())  # scratch removed
+    with pytest.raises(Exception, match="exists"):
+        predict_blockwise(tomo, model, client, out=tmp_path / "p.zarr", device="cpu", tile=TILE, progress=False)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    s = random_scene(n=12, shape=(48, 112, 112), seed=3)
+    labels, _ = label_vesicles(s.prob, 0.5, s.voxel_size, min_radius_nm=4)
+    return s, labels
+
+
+def _same_result(got, want):
+    pd.testing.assert_frame_equal(got[0].df, want[0].df, check_exact=True)
+    pd.testing.assert_frame_equal(got[1].reset_index(drop=True), want[1].reset_index(drop=True), check_exact=True)
+
+
+def test_fit_spheres_blockwise_equals_single_process(client, scene):
+    s, labels = scene
+    want = fit_spheres(s.intensity, labels, s.voxel_size)
+    assert len(want[0]) >= 8
+    got = fit_spheres_blockwise(s.intensity, labels, s.voxel_size, client, block=(48, 56, 56))
+    _same_result(got, want)
+
+
+def test_fit_spheres_blockwise_too_small_halo_falls_back_to_the_client(client, scene, caplog):
+    s, labels = scene
+    want = fit_spheres(s.intensity, labels, s.voxel_size, mask_neighbours=False)
+    with caplog.at_level("INFO", logger="cryoves.blockwise"):
+        got = fit_spheres_blockwise(s.intensity, labels, s.voxel_size, client, block=(24, 24, 24), halo=2,
+                                    mask_neighbours=False)
+    _same_result(got, want)
+    assert "beyond their block's halo" in caplog.text

@@ -83,4 +83,4 @@ def missing_wedge(vol: np.ndarray, max_tilt_deg: float = 60.0) -> np.ndarray:
     keep = np.broadcast_to(keep, (vol.shape[0], vol.shape[1], keep.shape[2])).copy()
     keep[0, :, 0] = True  # keep the mean
     f = np.fft.rfftn(vol)
-    return np.fft.irfftn(f * keep, s=vol.shape).astype(np.float32)
+    return np.fft.irfftn(f * keep, s=vol.shape, axes=(0, 1, 2)).astype(np.float32)

@@ -32,9 +32,12 @@ def random_net(seed: int = 0, **kwargs) -> UNet3D:
     return net.eval()
 
 
-def random_model(seed: int = 0, voxel_size_a: float = 22.0) -> LoadedModel:
-    info = ModelInfo(name=f"random-{seed}", voxel_size_a=voxel_size_a, prefilter_sigma=0.0)
-    return LoadedModel(net=random_net(seed), info=info)
+def random_model(seed: int = 0, voxel_size_a: float = 22.0, **arch) -> LoadedModel:
+    """A random network with metadata; ``arch`` overrides the UNet3D defaults (e.g. a tiny net)."""
+    net = random_net(seed, **arch)
+    info = ModelInfo(name=f"random-{seed}", architecture=dict(net.config), voxel_size_a=voxel_size_a,
+                     prefilter_sigma=0.0)
+    return LoadedModel(net=net, info=info)
 
 
 def vesicle_volume(shape=(48, 56, 64), n=6, seed=0, noise=0.5, dark=True) -> np.ndarray:

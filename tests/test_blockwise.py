@@ -9,9 +9,11 @@ import pytest
 
 from _post_utils import random_scene
 from _predict_utils import random_model, vesicle_volume
-from cryoves.blockwise import fit_spheres_blockwise, plan_blocks, predict_blockwise
+from cryoves.blockwise import auto_block, fit_spheres_blockwise, plan_blocks, predict_blockwise
 from cryoves.errors import ParameterError
+from cryoves.io import write_mrc
 from cryoves.io.tomogram import Tomogram
+from cryoves.pipeline import SegmentConfig, segment
 from cryoves.postprocess import fit_spheres, label_vesicles
 from cryoves.predict import plan_tiles, predict_tomogram
 
@@ -57,13 +59,16 @@ def test_plan_blocks_partitions_the_single_process_tiles():
     assert got == want
     with pytest.raises(ParameterError):
         plan_blocks(shape, (0, 64, 64), TILE)
+    # automatic block size: enough blocks for the workers, one block for one worker
+    assert len(plan_blocks(shape, auto_block(shape, TILE, None, 6), TILE)) >= 6
+    assert len(plan_blocks(shape, auto_block(shape, TILE, None, 1), TILE)) == 1
 
 
 def test_predict_blockwise_equals_single_process(client, model, tmp_path):
-    # 44 Å voxels -> resampled 2x onto the 22 Å model grid (96 x 128 x 112), split into 2 x 2 x 2 blocks
-    tomo = Tomogram(vesicle_volume((48, 64, 56), n=6, seed=1), 44.0)
+    # 33 Å voxels -> resampled 1.5x onto the 22 Å model grid (48 x 96 x 84), split into 1 x 2 x 2 blocks
+    tomo = Tomogram(vesicle_volume((32, 64, 56), n=5, seed=1), (33.0,) * 3)
     single = predict_tomogram(tomo, model, device="cpu", tile=TILE, progress=False)
-    res = predict_blockwise(tomo, model, client, block=(48, 64, 56), out=tmp_path / "p.zarr", device="cpu",
+    res = predict_blockwise(tomo, model, client, block=(48, 48, 48), out=tmp_path / "p.zarr", device="cpu",
                             tile=TILE, progress=False)
     assert res.info["blocks"] >= 4 and res.info["tiles"] == single.info["tiles"]
     assert res.info["inverted"] == single.info["inverted"]
@@ -88,12 +93,14 @@ def _same_result(got, want):
     pd.testing.assert_frame_equal(got[1].reset_index(drop=True), want[1].reset_index(drop=True), check_exact=True)
 
 
-def test_fit_spheres_blockwise_equals_single_process(client, scene):
+def test_fit_spheres_blockwise_equals_single_process(client, scene, caplog):
     s, labels = scene
     want = fit_spheres(s.intensity, labels, s.voxel_size)
     assert len(want[0]) >= 8
-    got = fit_spheres_blockwise(s.intensity, labels, s.voxel_size, client, block=(48, 56, 56))
+    with caplog.at_level("INFO", logger="cryoves.blockwise"):
+        got = fit_spheres_blockwise(s.intensity, labels, s.voxel_size, client, block=(48, 56, 56))
     _same_result(got, want)
+    assert "beyond their block's halo" not in caplog.text  # every vesicle was fitted on a worker
 
 
 def test_fit_spheres_blockwise_too_small_halo_falls_back_to_the_client(client, scene, caplog):
@@ -104,3 +111,27 @@ def test_fit_spheres_blockwise_too_small_halo_falls_back_to_the_client(client, s
                                     mask_neighbours=False)
     _same_result(got, want)
     assert "beyond their block's halo" in caplog.text
+
+
+def test_segment_with_client_fits_blockwise(client, scene, tmp_path, monkeypatch):
+    import cryoves.blockwise as bw
+
+    s, _ = scene
+    write_mrc(tmp_path / "prob.mrc", s.prob, s.voxel_size)
+    tomo = Tomogram(s.intensity, (s.voxel_size,) * 3)
+    cfg = SegmentConfig(from_probability=str(tmp_path / "prob.mrc"), report=False, min_radius_nm=4.0)
+    calls = []
+    real = bw.fit_spheres_blockwise
+    monkeypatch.setattr(bw, "fit_spheres_blockwise", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = segment(tomo, None, cfg, client=client)
+    want = segment(tomo, None, cfg)
+    assert calls == [1] and len(want.vesicles) >= 8
+    pd.testing.assert_frame_equal(got.vesicles.df, want.vesicles.df, check_exact=True)
+    np.testing.assert_array_equal(got.labels, want.labels)
+
+
+def test_segment_split_rejects_zero_workers(tmp_path):
+    from cryoves.blockwise import segment_split
+
+    with pytest.raises(ParameterError, match="--workers"):
+        segment_split(tmp_path / "t.mrc", tmp_path / "out", workers=0)

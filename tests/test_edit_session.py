@@ -40,7 +40,10 @@ def _assert_rendered(s: EditSession):
 
 
 def test_import_does_not_pull_in_gui():
-    code = "import sys, cryoves.napari, cryoves.napari._session; print(any(m in sys.modules for m in ('napari', 'qtpy', 'PyQt5')))"
+    code = (
+        "import sys, cryoves.napari, cryoves.napari._session; "
+        "print(any(m in sys.modules for m in ('napari', 'qtpy', 'PyQt5')))"
+    )
     import subprocess
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -50,7 +53,7 @@ def test_import_does_not_pull_in_gui():
 def test_labels_stay_a_rendering_of_the_table_through_random_edits():
     rng = np.random.default_rng(1)
     s = _session()
-    for step in range(40):
+    for _ in range(40):
         ids = list(s.table.ids)
         op = rng.integers(6)
         if op == 0 or not ids:
@@ -157,12 +160,25 @@ def test_qc_scores_follow_the_pipeline_limits():
 def test_review_queue_order_accept_reject_and_restore():
     table = truth_table(mahalanobis=[1.0, 6.0, 2.0, 0.5], profile_correlation=[0.9, 0.9, 0.2, 0.95])
     rejected = pd.DataFrame(
-        {"id": [7, 8], "z": [10.0, np.nan], "y": [30.0, np.nan], "x": [30.0, np.nan], "radius": [6.0, np.nan],
-         "step": ["outliers", "size"], "reason": ["mahalanobis 5.1", "too small"]}
+        {
+            "id": [7, 8],
+            "z": [10.0, np.nan],
+            "y": [30.0, np.nan],
+            "x": [30.0, np.nan],
+            "radius": [6.0, np.nan],
+            "step": ["outliers", "size"],
+            "reason": ["mahalanobis 5.1", "too small"],
+        }
     )
     s = _session(table, rejected=rejected)
     q = s.review_queue()
-    assert [(i.kind, i.key) for i in q] == [("rejected", 0), ("vesicle", 2), ("vesicle", 3), ("vesicle", 1), ("vesicle", 4)]
+    assert [(i.kind, i.key) for i in q] == [
+        ("rejected", 0),
+        ("vesicle", 2),
+        ("vesicle", 3),
+        ("vesicle", 1),
+        ("vesicle", 4),
+    ]
     assert s.counts()["queue"] == 5
     vid = s.accept(q[0])  # restores the rejected candidate with its id
     assert vid == 7 and s.row(7)["source"] == "restored" and len(s.rejected) == 1
@@ -183,7 +199,12 @@ def test_review_queue_order_accept_reject_and_restore():
 
 def test_autosave_and_recovery_after_a_crash(tmp_path):
     rec = tmp_path / RECOVERY_NAME
-    s = _session(recovery_path=rec, rejected=pd.DataFrame({"id": [9], "z": [5.0], "y": [5.0], "x": [5.0], "radius": [3.0], "step": ["x"], "reason": ["y"]}))
+    s = _session(
+        recovery_path=rec,
+        rejected=pd.DataFrame(
+            {"id": [9], "z": [5.0], "y": [5.0], "x": [5.0], "radius": [3.0], "step": ["x"], "reason": ["y"]}
+        ),
+    )
     s.add((30, 30, 30), radius=5.0, fit=False)
     s.delete(1)
     s.set_radius(2, 7.25)
@@ -231,6 +252,11 @@ def test_save_writes_all_formats_and_protects_the_automatic_result(tmp_path):
     other.save(force=True)
     meta = json.loads((target / "manifest.json").read_text())
     assert meta["kind"] == "review" and meta["inputs"]["voxel_size_a"] == VOXEL_SIZE_A
+    # a re-opened review saves in place without force
+    again, _ = load_result(target, fitter=None)
+    again.set_radius(1, 5.5)
+    assert again.save()["csv"] == target / "vesicles.csv"
+    assert VesicleTable.read_csv(target / "vesicles.csv").df.set_index("id").loc[1, "radius"] == 5.5
     # the automatic result itself is untouched
     assert sorted(VesicleTable.read_csv(out / "vesicles.csv").ids) == [1, 2, 3, 4]
 

@@ -42,8 +42,17 @@ def test_tomogram_layer_has_nm_scale_and_robust_contrast(tmp_path):
 def test_result_folder_layers_render_the_table(tmp_path):
     import pandas as pd
 
-    rej = pd.DataFrame({"id": [9, 10], "z": [5.0, np.nan], "y": [5.0, np.nan], "x": [5.0, np.nan],
-                        "radius": [3.0, np.nan], "step": ["a", "b"], "reason": ["c", "d"]})
+    rej = pd.DataFrame(
+        {
+            "id": [9, 10],
+            "z": [5.0, np.nan],
+            "y": [5.0, np.nan],
+            "x": [5.0, np.nan],
+            "radius": [3.0, np.nan],
+            "step": ["a", "b"],
+            "reason": ["c", "d"],
+        }
+    )
     out = fake_segment_output(tmp_path / "auto", truth_table(), phantom(), rejected=rej)
     layers = _reader.read_result_folder(str(out))
     assert [k for _, _, k in layers] == ["image", "labels", "points", "points"]

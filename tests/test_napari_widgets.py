@@ -19,11 +19,12 @@ pytest.importorskip("napari", reason="napari is not installed: pip install 'cryo
 pytest.importorskip("pytestqt", reason="pytest-qt is not installed: pip install pytest-qt")
 if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
     # Qt aborts the whole test process without a display, so skip before any viewer is made
-    pytest.skip("no display: run .ci/gui-deps.sh and pip install pytest-xvfb, or use 'xvfb-run -a'",
-                allow_module_level=True)
+    pytest.skip(
+        "no display: run .ci/gui-deps.sh and pip install pytest-xvfb, or use 'xvfb-run -a'", allow_module_level=True
+    )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _napari_utils import SHAPE, TRUTH, VOXEL_SIZE_A, fake_segment_output, phantom, truth_table  # noqa: E402
+from _napari_utils import TRUTH, VOXEL_SIZE_A, fake_segment_output, phantom, truth_table  # noqa: E402
 
 from cryoves.napari._session import RECOVERY_NAME  # noqa: E402
 from cryoves.vesicles import VesicleTable  # noqa: E402
@@ -153,8 +154,17 @@ def test_review_queue_keys_and_restore(make_napari_viewer, qtbot, tmp_path):
     import pandas as pd
 
     table = truth_table(TRUTH, mahalanobis=[1.0, 6.0, 0.5, 0.2])
-    rejected = pd.DataFrame({"id": [9], "z": [20.0], "y": [30.0], "x": [32.0], "radius": [6.0], "step": ["outliers"],
-                             "reason": ["mahalanobis 5"]})
+    rejected = pd.DataFrame(
+        {
+            "id": [9],
+            "z": [20.0],
+            "y": [30.0],
+            "x": [32.0],
+            "radius": [6.0],
+            "step": ["outliers"],
+            "reason": ["mahalanobis 5"],
+        }
+    )
     out = fake_segment_output(tmp_path / "auto", table, phantom(), rejected=rejected)
     viewer = make_napari_viewer()
     editor = _editor(viewer)
@@ -204,8 +214,13 @@ def _fake_segment(delay=0.05, steps=20):
             progress("predict", (i + 1) / steps)
             time.sleep(delay)
         table = truth_table(np.delete(TRUTH, MISSING, axis=0), source="auto")
-        return SimpleNamespace(vesicles=table, rejected=None, probability=np.zeros(tomo.shape, np.float32),
-                               labels=table.to_labels(tomo.shape), outdir=None)
+        return SimpleNamespace(
+            vesicles=table,
+            rejected=None,
+            probability=np.zeros(tomo.shape, np.float32),
+            labels=table.to_labels(tomo.shape),
+            outdir=None,
+        )
 
     return segment
 
@@ -236,6 +251,17 @@ def test_segment_widget_runs_in_a_worker_with_progress(make_napari_viewer, qtbot
     assert widget.editor.session.tomogram is viewer.layers["tomo"].data  # fits use the open tomogram
 
 
+def test_segment_widget_needs_a_voxel_size(make_napari_viewer, qtbot, monkeypatch):
+    viewer = make_napari_viewer()
+    viewer.add_image(phantom(), name="tomo")  # napari's default scale 1: unknown voxel size
+    widget = _segment_widget(viewer, monkeypatch, _fake_segment())
+    assert widget.run() is None and "voxel size" in widget.status_label.text()
+    widget.voxel_size.setValue(VOXEL_SIZE_A)
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=10_000)
+    assert widget.result is not None
+
+
 def test_segment_widget_cancel(make_napari_viewer, qtbot, monkeypatch):
     viewer = make_napari_viewer()
     viewer.add_image(phantom(), name="tomo", scale=(VOXEL_SIZE_A / 10,) * 3)
@@ -262,8 +288,12 @@ def test_segment_widget_real_pipeline(make_napari_viewer, qtbot, tmp_path):
 
     s = sim.simulate(sim.SimulationConfig.preset("small"), 0)
     viewer = make_napari_viewer(show=True)
-    viewer.add_image(np.asarray(s.tomogram.data), name="sim", scale=tuple(v / 10 for v in s.tomogram.voxel_size),
-                     metadata={"voxel_size_a": tuple(s.tomogram.voxel_size)})
+    viewer.add_image(
+        np.asarray(s.tomogram.data),
+        name="sim",
+        scale=tuple(v / 10 for v in s.tomogram.voxel_size),
+        metadata={"voxel_size_a": tuple(s.tomogram.voxel_size)},
+    )
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Segment")
     widget.outdir.setText(str(tmp_path / "seg"))
@@ -283,10 +313,11 @@ def test_segment_widget_real_pipeline(make_napari_viewer, qtbot, tmp_path):
             session.delete(vid)
     n = len(session.table)
     _click(viewer, qtbot, (c + [0.0, 1.0, -1.0]) * s.tomogram.voxel_size_a / 10, ["Shift"])
-    assert len(session.table) == n + 1
+    assert len(session.table) == n + 1, widget.editor.status_label.text()
     row = session.table.df.iloc[-1]
-    assert row["source"] == "fitted"
-    assert np.linalg.norm(row[["z", "y", "x"]].to_numpy(float) - c) < 1.0 and abs(row["radius"] - r) < 1.0
+    assert row["source"] == "fitted", (c, r, widget.editor.status_label.text())
+    err_c, err_r = np.linalg.norm(row[["z", "y", "x"]].to_numpy(float) - c), abs(row["radius"] - r)
+    assert err_c < 1.0 and err_r < 1.0, (err_c, err_r)
 
 
 def test_open_review_shows_the_editor(make_napari_viewer, result_dir):

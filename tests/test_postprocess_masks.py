@@ -47,3 +47,11 @@ def test_bad_fraction():
     t = VesicleTable.from_spheres([(5, 5, 5)], [2], 10.0)
     with pytest.raises(ParameterError):
         vesicles_in_region(t, np.ones((10, 10, 10)), min_fraction=1.5)
+
+
+def test_empty_rejected_table_has_string_columns():
+    from cryoves.postprocess import concat_rejected
+
+    empty = concat_rejected([])
+    assert list(empty.columns) == REJECTED_COLUMNS and len(empty) == 0
+    assert empty["reason"].str.len().sum() == 0  # the .str accessor works on an empty table

@@ -153,3 +153,38 @@ def test_exact_p_values_are_calibrated_for_small_n():
     p_exact, p_chi2 = np.concatenate(p_exact), np.concatenate(p_chi2)
     assert 0.08 < np.mean(p_exact < 0.1) < 0.12  # uniform under the null
     assert np.mean(p_chi2 < 0.1) > 0.3  # the asymptotic chi2 over-flags at small n
+
+
+def test_objects_without_membrane_are_removed_by_contrast():
+    s = random_scene(n=6, shape=(56, 96, 96), seed=4, r_range=(9.0, 11.0))
+    prob = s.prob.copy()
+    # two false detections in plain noise
+    zz, yy, xx = np.indices(prob.shape)
+    taken = np.zeros(prob.shape, bool)
+    for c, r in zip(s.centres, s.radii):
+        taken |= (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= (r + 12) ** 2
+    free = np.argwhere(~taken & (zz > 12) & (zz < 44) & (yy > 12) & (yy < 84) & (xx > 12) & (xx < 84))
+    fakes = [free[0], free[np.argmax(np.linalg.norm(free - free[0], axis=1))]]
+    for c in fakes:
+        prob[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= 81] = 1.0
+    labels, _ = label_vesicles(prob, 0.5, s.voxel_size, min_radius_nm=4)
+    table, _ = fit_spheres(s.intensity, labels, s.voxel_size)
+    fakes = np.array(fakes)
+
+    def n_fakes(t):
+        return int((np.min(np.linalg.norm(t.centres[:, None] - fakes[None], axis=-1), axis=1) < 5).sum())
+
+    # the correlation filter is switched off to test the contrast filter alone
+    kept_all, _ = repair(table, s.intensity, min_radius_nm=4, min_correlation=-1, min_contrast_fraction=0)
+    assert n_fakes(kept_all) == 2
+    out, rej = repair(table, s.intensity, min_radius_nm=4, min_correlation=-1)
+    assert set(rej["step"]) == {"contrast"} and n_fakes(out) == 0
+    assert len(out) == len(s.radii)  # every real vesicle survives
+
+
+def test_coverage_filter_is_optional():
+    t = _table(n=6, membrane_coverage=[0.95, 0.9, 0.4, 0.92, 0.97, 0.9])
+    kept, rej = repair(t, None, min_radius_nm=1.0)
+    assert len(kept) == 6 and len(rej) == 0  # off by default
+    kept, rej = repair(t, None, min_radius_nm=1.0, min_coverage=0.6)
+    assert list(rej["step"]) == ["coverage"] and rej["id"].iloc[0] == t.df["id"].iloc[2]

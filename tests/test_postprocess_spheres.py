@@ -102,3 +102,32 @@ def test_wedge_cap_keeps_accuracy_on_missing_wedge_data():
     capped, _ = fit_spheres(s.intensity, labels, s.voxel_size, wedge_cap_deg=45.0)
     d1, r1, _ = _errors(capped, s)
     assert d1.mean() < 0.2 and np.abs(r1).mean() < 0.1
+
+
+def test_fit_sphere_ignores_given_neighbours():
+    # two touching vesicles; fitting the first from a guess shifted towards the second
+    s = synthetic(shape=(40, 40, 72), centres=[(20.2, 19.8, 22.3), (20, 20, 44.6)], radii=[10.0, 11.0], noise=0.05, seed=9)
+    f = fit_sphere(s.intensity, (20, 20, 23.5), 10.0, s.voxel_size, neighbours=([s.centres[1]], [11.0]))
+    plain = fit_sphere(s.intensity, (20, 20, 23.5), 10.0, s.voxel_size)
+    err, err_plain = (np.linalg.norm(g.centre - s.centres[0]) for g in (f, plain))
+    assert err < 0.05 < err_plain  # the neighbour's membrane pulls the centre unless it is ignored
+    assert f.radius_nm == pytest.approx(f.radius * s.voxel_size / 10)
+    with pytest.raises(ParameterError):
+        fit_sphere(s.intensity, (20, 20, 23), 10.0, s.voxel_size, neighbours=([s.centres[1]], [11.0, 3.0]))
+
+
+def test_membrane_coverage_is_low_for_a_tube():
+    from _post_utils import paint
+
+    shape = (48, 48, 48)
+    ball, _ = paint(shape, [(24.2, 23.8, 24.1)], [10.0])
+    zz, yy, _ = np.indices(shape)
+    rho = np.sqrt((zz - 24.2) ** 2 + (yy - 23.8) ** 2)
+    tube = np.where((rho > 6.0) & (rho <= 10.0), -1.0, np.where(rho <= 6.0, -0.15, 0.0)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    fits = [
+        fit_sphere(v + rng.normal(0, 0.1, shape).astype(np.float32), (24, 24, 24), 10.0, 10.0, wedge_cap_deg=0.0)
+        for v in (ball, tube)
+    ]
+    assert fits[0].membrane_coverage > 0.9
+    assert fits[1] is None or fits[1].membrane_coverage < 0.7

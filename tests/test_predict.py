@@ -47,7 +47,7 @@ def test_plan_axis_partitions_and_aligns(length, tile):
 
 
 def test_tiled_prediction_equals_whole_volume_forward():
-    net = random_net(0)
+    net = random_net(0, base_filters=4)  # same topology and receptive field, 16× cheaper
     x = vesicle_volume((60, 64, 68), seed=1)
     x = (x - x.mean()) / x.std()
     whole = _whole(net, x)  # sizes are multiples of 4, so the whole forward pass is defined
@@ -57,7 +57,7 @@ def test_tiled_prediction_equals_whole_volume_forward():
 
 
 def test_prediction_is_shift_equivariant_away_from_borders():
-    net = random_net(1)
+    net = random_net(1, base_filters=4)
     x = vesicle_volume((64, 64, 64), seed=2)
     shifted = np.roll(x, (8, -12, 4), axis=(0, 1, 2))
     p = predict_array(net, x, tile=56, progress=False)
@@ -168,6 +168,8 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import numpy as np
     from cryoves.io import Tomogram
     from cryoves.predict import predict_tomogram
+    import cryoves.preprocess as pp
+    pp._CHUNK_VOXELS = 1 << 20  # 4 MiB resampling chunks
     sys.path.insert(0, sys.argv[3])
     from _predict_utils import random_model
 
@@ -182,16 +184,17 @@ _MEMORY_SCRIPT = textwrap.dedent(
         data[z] = rng.normal(size=(n, n))
     data.flush(); del data
     data = np.load(sys.argv[1] + "/in.npy", mmap_mode="r")
-    model = random_model(0)
+    # a tiny net: streaming does not depend on the network size, and it keeps the test fast
+    model = random_model(0, depth=1, base_filters=2, convs_per_level=1)
     import torch
     with torch.inference_mode():
-        model.net(torch.zeros(1, 1, 56, 56, 56))  # warm up the runtime before the baseline
+        model.net(torch.zeros(1, 1, 96, 96, 96))  # warm up the runtime before the baseline
     base = anon(); peak = [base]; stop = []
     def watch():
         while not stop:
             peak[0] = max(peak[0], anon()); time.sleep(0.002)
     th = threading.Thread(target=watch); th.start()
-    predict_tomogram(Tomogram(data, (18.0,) * 3), model, out=sys.argv[1] + "/p.npy", tile=56,
+    predict_tomogram(Tomogram(data, (18.0,) * 3), model, out=sys.argv[1] + "/p.npy", tile=96,
                      batch_size=1, progress=False)
     stop.append(1); th.join()
     print(json.dumps({"base": base, "peak": peak[0], "nbytes": n ** 3 * 4}))
@@ -201,22 +204,26 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_large_volume_streams_with_bounded_memory(tmp_path):
-    """Anonymous memory stays far below one full-size float32 copy: every full-size array is a
-    memory map (input, model-grid scratch, output)."""
+    """Peak anonymous memory does not grow with the volume: every full-size array (input,
+    model-grid scratch, output) is a memory map. The runtime's own caches (~0.2 GiB, the same
+    for every size) are cancelled by comparing a small and a large volume."""
     from pathlib import Path
 
     script = tmp_path / "run.py"
     script.write_text(_MEMORY_SCRIPT)
-    n = 192
-    res = subprocess.run([sys.executable, str(script), str(tmp_path), str(n), str(Path(__file__).parent)],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    m = json.loads(res.stdout.strip().splitlines()[-1])
-    growth = m["peak"] - m["base"]
-    # tile activations (~56³·150 B ≈ 26 MiB) + resampling chunks, not the 27 MiB volume ×3
-    assert growth < 1.0 * m["nbytes"], m
-    out = np.load(tmp_path / "p.npy", mmap_mode="r")
-    assert out.shape == (n, n, n) and 0 <= float(out[::8, ::8, ::8].min())
+    growth = {}
+    for n in (160, 256):  # both need several tiles (the runtime caches one kernel per shape)
+        work = tmp_path / str(n)
+        work.mkdir()
+        res = subprocess.run([sys.executable, str(script), str(work), str(n), str(Path(__file__).parent)],
+                             capture_output=True, text=True, timeout=110)
+        assert res.returncode == 0, res.stderr[-2000:]
+        m = json.loads(res.stdout.strip().splitlines()[-1])
+        growth[n] = m["peak"] - m["base"]
+        out = np.load(work / "p.npy", mmap_mode="r")
+        assert out.shape == (n, n, n) and 0 <= float(out[::8, ::8, ::8].min())
+    # one extra full float32 copy would add (256³ − 160³)·4 B = 48 MiB
+    assert growth[256] - growth[160] < 0.5 * 256**3 * 4, growth
 
 
 def test_cli_predict_on_mrc(tmp_path):

@@ -70,7 +70,9 @@ def test_scene_membrane_lies_just_inside_the_table_radius(small):
     """The densest shell of each vesicle in the noise-free scene is within the outer radius."""
     t, v = small.vesicles, small.config.voxel_size_nm
     zz, yy, xx = np.indices(small.scene.shape)
-    for c, r_nm, thick in zip(t.centres[_inside(t, small.scene.shape)], t.df["radius_nm"], t.df["membrane_thickness_nm"]):
+    ok = _inside(t, small.scene.shape)
+    assert ok.sum() >= 2
+    for c, r_nm, thick in zip(t.centres[ok], t.df["radius_nm"][ok], t.df["membrane_thickness_nm"][ok]):
         d = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) * v
         shell = (d > r_nm - thick) & (d < r_nm)
         outside = (d > r_nm + 1.5 * v) & (d < r_nm + 3 * v)
@@ -285,3 +287,38 @@ def test_synapse_layout_has_clustered_nearly_touching_vesicles_and_border_cuts()
     assert cut.any()
     kinds = {o.kind for o in lay.obstacles}
     assert {"mitochondrion", "endosome", "microtubule", "actin", "dense_clump"} <= kinds
+
+
+def test_active_zone_points_lie_on_the_active_zone_mask_and_plasma_membrane(small):
+    from scipy.spatial import cKDTree
+
+    assert len(small.az_points) > 10 and len(small.membrane_points) > len(small.az_points)
+    mask_vox = np.argwhere(small.active_zone_mask)
+    d, _ = cKDTree(mask_vox).query(small.az_points)
+    assert np.percentile(d, 95) < 1.0
+    # the scene is densest (most negative) on the membrane surface, not 10 nm to either side
+    v = small.config.voxel_size_nm
+    p = np.rint(small.membrane_points).astype(int)
+    p = p[np.all((p >= 0) & (p < np.asarray(small.scene.shape)), axis=1)]
+    on = small.scene[p[:, 0], p[:, 1], p[:, 2]].mean()
+    ny, nx = np.sin(np.radians(small.config.pm_angle_deg)), np.cos(np.radians(small.config.pm_angle_deg))
+    for side in (-1, 1):
+        q = np.rint(small.membrane_points + side * 10 / v * np.array([0, ny, nx])).astype(int)
+        q = q[np.all((q >= 0) & (q < np.asarray(small.scene.shape)), axis=1)]
+        assert on < small.scene[q[:, 0], q[:, 1], q[:, 2]].mean() - 0.1
+
+
+def test_gold_fiducials_sit_on_ice_surfaces_are_dark_and_not_ground_truth():
+    cfg = SimulationConfig.preset("small", ice_thickness_nm=100.0, n_gold=3, n_vesicles=4)
+    sim = simulate(cfg, seed=1)
+    gold = sim.distractors[sim.distractors["kind"] == "gold"]
+    assert len(gold) >= 1
+    ice_top = (cfg.shape[0] - 1) * cfg.voxel_size_nm / 2 - 50.0
+    v = cfg.voxel_size_nm
+    for row in gold.itertuples():
+        assert min(abs(row.z * v - (ice_top + 5)), abs(row.z * v - (ice_top + 95))) < 1e-6
+        z, y, x = (int(round(c)) for c in (row.z, row.y, row.x))
+        assert sim.scene[z, y, x] < -20  # far denser than anything biological
+        assert sim.labels[z, y, x] == 0
+    assert set(sim.vesicles.df["population"]) == {"sv"}
+    assert simulate(cfg.replace(ice_thickness_nm=200.0), seed=1).distractors["kind"].ne("gold").all()

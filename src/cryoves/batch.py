@@ -22,7 +22,7 @@ import pandas as pd
 
 from cryoves.errors import CryovesError, InputError, ParameterError
 from cryoves.io import MRC_SUFFIXES, TIFF_SUFFIXES
-from cryoves.io.atomic import atomic_path
+from cryoves.io.atomic import atomic_path, make_dir
 from cryoves.pipeline import SegmentConfig, is_complete_result
 
 log = logging.getLogger(__name__)
@@ -271,8 +271,7 @@ def run_batch(
     """
     config = config or SegmentConfig()
     items = collect_inputs(inputs)
-    outroot = Path(outroot)
-    outroot.mkdir(parents=True, exist_ok=True)
+    outroot = make_dir(outroot)
     records: list[dict[str, Any]] = []
     todo: list[BatchItem] = []
     for it in items:

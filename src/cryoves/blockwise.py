@@ -11,13 +11,13 @@ Both functions give the same result as the single-process path (:func:`cryoves.p
   radius) and predicts the very same tiles, so each output voxel comes from the same tile and the
   same arithmetic as in one process. Block results come back to the client, which writes them into
   the output, so no two processes ever write to one file.
-* **Sphere fitting.** The client labels nothing new: it takes the object statistics and neighbour
-  lists from the whole label volume (as ``fit_spheres`` does), groups objects by the block of
-  their centroid, and sends each task the intensity of its objects' bounding box plus a halo of
+* **Sphere fitting.** The client takes the starting spheres and neighbour lists of the whole label
+  volume (:func:`cryoves.postprocess.spheres.initial_spheres`, as ``fit_spheres`` does), groups the
+  objects by the block of their centroid, and sends each task the intensity of its objects' bounding box plus a halo of
   ~1.5 vesicle diameters. Coordinates stay those of the whole volume (a read-only window), so
   every floating-point operation is the one of the single-process fit; a box that would leave the
-  window is refitted on the client (counted in the log). The profile correlation, a statistic over
-  all vesicles, is computed on the client after all blocks are back.
+  window is refitted on the client (counted in the log). The table, whose profile correlation is a
+  statistic over all vesicles, is built on the client (``table_from_fits``) once all blocks are back.
 
 The model is sent to every worker once (``client.scatter(..., broadcast=True)``) and its inference
 copy is cached in the worker process.
@@ -45,8 +45,8 @@ from cryoves.io.tomogram import Tomogram
 
 log = logging.getLogger(__name__)
 
-#: Default prediction block (model-grid voxels, z, y, x): ~34 M voxels, ~130 MiB of float32 per block.
-DEFAULT_PREDICT_BLOCK = (128, 512, 512)
+#: Prediction blocks per worker when the block size is automatic (load balance vs per-task overhead).
+BLOCKS_PER_WORKER = 2
 #: Default sphere-fitting block (tomogram voxels, z, y, x).
 DEFAULT_FIT_BLOCK = (128, 256, 256)
 
@@ -113,6 +113,20 @@ def plan_blocks(
                 ]
                 blocks.append(Block(keep, src, tiles))  # type: ignore[arg-type]
     return blocks
+
+
+def auto_block(shape: Sequence[int], tile: int, context: int | None, n_blocks: int) -> tuple[int, int, int]:
+    """A block size (model-grid voxels, z, y, x) that splits the tile plan of ``shape`` into at
+    least ``n_blocks`` blocks where the tiles allow it, cutting the axis with most tiles per block first."""
+    from cryoves.predict import DEFAULT_CONTEXT, plan_axis
+
+    context = DEFAULT_CONTEXT if context is None else context
+    n_tiles = [len(plan_axis(int(n), int(tile), int(context))) for n in shape]
+    groups = [1, 1, 1]
+    while math.prod(groups) < n_blocks and any(g < n for g, n in zip(groups, n_tiles, strict=True)):
+        ax = max((a for a in range(3) if groups[a] < n_tiles[a]), key=lambda a: n_tiles[a] / groups[a])
+        groups[ax] += 1
+    return tuple(max(1, -(-int(n) // g)) for n, g in zip(shape, groups, strict=True))  # type: ignore[return-value]
 
 
 def _worker_net(model: Any, device: str, precision: str) -> Any:
@@ -259,7 +273,7 @@ def predict_blockwise(
     model: str | os.PathLike | Any,
     client: Any,
     *,
-    block: int | Sequence[int] = DEFAULT_PREDICT_BLOCK,
+    block: int | Sequence[int] | None = None,
     out: str | os.PathLike | None = None,
     scratch: str | os.PathLike | None = None,
     device: str = "auto",
@@ -277,7 +291,7 @@ def predict_blockwise(
 
     Equals :func:`cryoves.predict.predict_tomogram` with the same arguments (same tile plan; see
     the module docstring). ``block``: block size in model-grid voxels (z, y, x), rounded to whole
-    tiles. ``out``: ``.zarr`` (zarr array), ``.npy`` or ``.mrc`` written atomically and returned
+    tiles; default: about ``BLOCKS_PER_WORKER`` blocks per worker of ``client``. ``out``: ``.zarr`` (zarr array), ``.npy`` or ``.mrc`` written atomically and returned
     opened read-only; None keeps the map in memory. ``scratch``: folder for the normalised input
     and the model-grid map (memory maps; on a multi-node cluster it must be on a filesystem every
     worker sees; default: beside ``out``, else the system temporary folder). Returns a
@@ -318,6 +332,9 @@ def predict_blockwise(
         batch_size = max(1, int(budget // max(1, estimate_tile_memory(tile, 1, prec))))
     mshape = _target_shape(tomo.shape, model_grid_scale(tomo.voxel_size, info.voxel_size_a, vesicle_radius_nm,
                                                          info.vesicle_radius_nm))
+    if block is None:
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        block = auto_block(mshape, tile, context, BLOCKS_PER_WORKER * n_workers)
     blocks = plan_blocks(mshape, block, tile, context)
     scratch_root = Path(scratch) if scratch is not None else (out_path.parent if out_path is not None else None)
     if scratch_root is not None:
@@ -438,11 +455,8 @@ def fit_spheres_blockwise(
     3 × the largest initial radius + membrane search + margin, ~1.5 vesicle diameters). Returns the
     same (VesicleTable, rejected) as ``fit_spheres`` with the same arguments, row for row.
     """
-    import cc3d
-    from scipy.spatial import cKDTree
-
     from cryoves.postprocess._common import check_same_shape, check_voxel_size, check_volume
-    from cryoves.postprocess.spheres import FitOptions
+    from cryoves.postprocess.spheres import FitOptions, initial_spheres
 
     intensity = check_volume(intensity, "tomogram")
     labels = check_volume(labels, "labels")
@@ -450,28 +464,13 @@ def fit_spheres_blockwise(
     vs = check_voxel_size(voxel_size_a)
     opts = options or FitOptions(**kwargs)
     bshape = np.asarray(_block_shape(block))
-    # the initial centres, radii and neighbour lists of fit_spheres, from the whole label volume
-    st = cc3d.statistics(np.ascontiguousarray(labels))
-    items = [
-        (i, np.asarray(st["centroids"][i], float), max(2.0, 0.5 * max(s.stop - s.start for s in bb)))
-        for i, (n, bb) in enumerate(zip(st["voxel_counts"], st["bounding_boxes"]))
-        if i > 0 and n > 0 and bb is not None
-    ]
-    others: list[Any] = [None] * len(items)
-    if items:
-        cen_all = np.array([c for _, c, _ in items])
-        r_all = np.array([r for _, _, r in items])
-        if mask_neighbours:
-            tree = cKDTree(cen_all)
-            for k, (_, cen, r0) in enumerate(items):
-                near = [j for j in tree.query_ball_point(cen, 2.5 * r0 + r_all.max() + opts.margin + 8) if j != k]
-                others[k] = (cen_all[near], r_all[near])
+    # the starting centres, radii and neighbour lists of fit_spheres, from the whole label volume
+    items = initial_spheres(labels, opts, mask_neighbours)
     groups: dict[tuple[int, ...], list[int]] = {}
     shape = np.asarray(intensity.shape)
-    for k, (_, cen, _) in enumerate(items):
+    for k, (_, cen, _, _) in enumerate(items):
         cell = tuple(int(v) for v in np.clip(np.floor(cen), 0, shape - 1) // bshape)
         groups.setdefault(cell, []).append(k)
-    results: dict[int, tuple[str, Any]] = {}
     futures = []
     for ks in groups.values():
         r_max = max(items[k][2] for k in ks)
@@ -480,11 +479,12 @@ def fit_spheres_blockwise(
         lo = np.clip(cs.min(axis=0) - h, 0, shape)
         hi = np.clip(cs.max(axis=0) + h + 1, 0, shape)
         window = np.ascontiguousarray(intensity[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))])
-        jobs = [(k, items[k][1], items[k][2], others[k]) for k in ks]
+        jobs = [(k, *items[k][1:]) for k in ks]
         futures.append(client.submit(_fit_block, window, tuple(lo), tuple(shape), jobs, opts, pure=False,
                                      key=f"fit-block-{len(futures)}-{time.time_ns()}"))
+    results: dict[int, tuple[str, Any]] = {}
     _collect_fits(futures, results, progress)
-    return _assemble(intensity, items, others, results, opts, vs)
+    return _assemble(intensity, items, results, opts, vs)
 
 
 def _collect_fits(futures: list, results: dict, progress: bool) -> None:
@@ -499,42 +499,65 @@ def _collect_fits(futures: list, results: dict, progress: bool) -> None:
             bar.update(1)
 
 
-def _assemble(intensity, items, others, results, opts, vs) -> tuple[Any, pd.DataFrame]:
+def _assemble(intensity, items, results, opts, vs) -> tuple[Any, pd.DataFrame]:
     """The table and rejected frame of ``fit_spheres`` from per-object results (in label order)."""
     from cryoves.postprocess._common import concat_rejected, rejected_frame
-    from cryoves.postprocess.spheres import FitFailure, _fit, profile_correlation
-    from cryoves.vesicles import VesicleTable
+    from cryoves.postprocess.spheres import FitFailure, _fit, table_from_fits
 
     ids, fits, rejected = [], [], []
     n_outside = 0
-    for k, (i, cen, r0) in enumerate(items):
+    for k, (i, cen, r0, others) in enumerate(items):
         kind, value = results[k]
         if kind == "outside":  # the halo was too small for this vesicle: fit it on the whole volume
             n_outside += 1
             try:
-                kind, value = "fit", _fit(intensity, cen, r0, opts, others[k])
+                kind, value = "fit", _fit(intensity, cen, r0, opts, others)
             except FitFailure as exc:
                 kind, value = "fail", str(exc)
         if kind == "fail":
             rejected.append(rejected_frame([i], cen[None], [r0], "fit", [value]))
             continue
+        value.voxel_size = vs
         ids.append(i)
         fits.append(value)
     if n_outside:
         log.info("%d vesicle(s) reached beyond their block's halo and were fitted on the client", n_outside)
-    nm = vs / 10.0
-    corr = profile_correlation(np.stack([f.normalised_profile() for f in fits])) if fits else np.zeros(0)
-    table = VesicleTable.from_spheres(
-        np.array([f.centre for f in fits]).reshape(-1, 3),
-        np.array([f.radius for f in fits]),
-        vs,
-        ids=ids,
-        membrane_thickness_nm=np.array([f.membrane_thickness * nm for f in fits]),
-        membrane_density=np.array([f.membrane_density for f in fits]),
-        lumen_density=np.array([f.lumen_density for f in fits]),
-        profile_correlation=corr,
-        fit_residual=np.array([f.fit_residual for f in fits]),
-        source=["auto"] * len(fits),
-    )
     log.info("fitted %d spheres, %d objects could not be fitted", len(fits), len(rejected))
-    return table, concat_rejected(rejected)
+    return table_from_fits(ids, fits, vs), concat_rejected(rejected)
+
+
+# --------------------------------------------------------------------------------------------
+# one tomogram on a cluster
+
+
+def segment_split(
+    tomo: Tomogram | str | os.PathLike,
+    outdir: str | os.PathLike | None,
+    config: Any = None,
+    *,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    slurm: str | os.PathLike | None = None,
+    force: bool = False,
+) -> Any:
+    """:func:`cryoves.pipeline.segment` with one tomogram split across Dask workers.
+
+    ``scheduler``: address of a running Dask scheduler (``tcp://host:8786``); ``slurm``: a
+    dask-jobqueue YAML file (docs/batch.md); otherwise a local cluster of ``workers`` processes
+    (default: sized to this machine, see :func:`cryoves.batch.local_cluster_size`). A cluster
+    started here is closed after the call.
+    """
+    from cryoves.batch import make_client
+    from cryoves.pipeline import segment
+
+    if workers is not None and workers < 1:
+        raise ParameterError(f"--workers must be at least 1, got {workers}")
+    # many blocks: the local cluster is sized by cores and memory, not by the item count
+    client = make_client(1 << 16, scheduler=scheduler, slurm=slurm, n_workers=workers)
+    cluster = getattr(client, "cluster", None) if scheduler is None else None
+    try:
+        return segment(tomo, outdir, config, force=force, client=client)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

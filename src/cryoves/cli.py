@@ -50,9 +50,17 @@ class _Group(TyperGroup):
 
 
 def _click_exceptions() -> tuple[type[BaseException], ...]:
-    import click
+    """Click's usage/exit exceptions; recent typer versions vendor click as ``typer._click``."""
+    import importlib
 
-    return (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort)
+    found: list[type[BaseException]] = []
+    for name in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        found += [c for c in (getattr(mod, n, None) for n in ("ClickException", "Exit", "Abort")) if c is not None]
+    return tuple(found)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -225,6 +233,8 @@ def segment_cmd(
     from_probability: Annotated[Optional[Path], typer.Option("--from-probability", help="Start after the network from this probability map (tomogram grid).")] = None,
     tta: Annotated[int, typer.Option("--tta", help="Test-time augmentations (1-8, in-plane only).")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Split this (huge) tomogram across N local Dask workers (docs/batch.md).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Split this tomogram across the workers of this Dask scheduler.")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Segment the vesicles of TOMOGRAM into exact spheres; write tables, labels, IMOD and pyto files."""
@@ -245,7 +255,12 @@ def segment_cmd(
         tta=tta,
         device=device,
     )
-    res = segment(tomogram, output, cfg, force=force)
+    if workers is not None or scheduler is not None:
+        from cryoves.blockwise import segment_split
+
+        res = segment_split(tomogram, output, cfg, workers=workers, scheduler=scheduler, force=force)
+    else:
+        res = segment(tomogram, output, cfg, force=force)
     t = res.manifest["timings_s"]
     typer.echo(
         f"{len(res.vesicles)} vesicles ({len(res.rejected)} candidates rejected) in {sum(t.values()):.1f} s "
@@ -331,7 +346,8 @@ def batch_cmd(
     Console(stderr=False).print(table)
     failed = int((summary["status"] == "failed").sum())
     if failed:
-        typer.echo(f"error: {failed} of {len(summary)} tomograms failed (see {output / SUMMARY_NAME})", err=True)
+        typer.echo(f"error: {failed} of {len(summary)} tomograms failed (see {output / SUMMARY_NAME}); fix them "
+                   "and rerun the same command (finished tomograms are skipped)", err=True)
         raise typer.Exit(2)
 
 

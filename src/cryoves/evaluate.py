@@ -44,7 +44,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from cryoves.errors import InputError, OutputExistsError, VoxelSizeError
-from cryoves.io.atomic import atomic_path, make_dir, write_json_atomic
+from cryoves.io.atomic import atomic_path, make_dir, removing_new_dirs, write_json_atomic
 from cryoves.vesicles import VesicleTable
 
 log = logging.getLogger(__name__)
@@ -485,12 +485,19 @@ def write_evaluation(result: EvaluationResult, outdir: str | Path, force: bool =
     target = outdir / "evaluation.json"
     if target.exists() and not force:
         raise OutputExistsError(f"{outdir} already holds an evaluation; pass --force or choose another --output")
-    make_dir(outdir)
-    for name, df in (("matches", result.matches), ("misses", result.misses),
-                     ("false_positives", result.false_positives)):
-        with atomic_path(outdir / f"{name}.csv") as tmp:
-            df.to_csv(tmp, index=False, float_format="%.4f")
-    result.to_json(target)  # last: marks a complete evaluation
+    names = ["matches.csv", "misses.csv", "false_positives.csv"]
+    with removing_new_dirs(outdir):
+        make_dir(outdir)
+        try:
+            target.unlink(missing_ok=True)  # an old marker must not vouch for half-new files
+            for name, df in zip(names, (result.matches, result.misses, result.false_positives), strict=True):
+                with atomic_path(outdir / name) as tmp:
+                    df.to_csv(tmp, index=False, float_format="%.4f")
+            result.to_json(target)  # last: marks a complete evaluation
+        except BaseException:
+            for name in names:  # e.g. disk full half-way: leave no partial evaluation
+                (outdir / name).unlink(missing_ok=True)
+            raise
     return outdir
 
 
@@ -548,7 +555,7 @@ def evaluate(
     p, g, voxel, grid = _prepare(pred, gt, voxel_size, shape, nm=False)
     for name, arr in (("mask", mask_arr), ("probability map", prob_arr)):
         if arr is not None and voxel and tuple(arr.shape) != tuple(grid):
-            raise InputError(f"{name} shape {arr.shape} differs from the label/volume shape {grid}")
+            raise InputError(f"{name} shape {arr.shape} differs from the label/volume shape {grid}; give it on the same grid")
     if prob_arr is not None and mask_arr is not None and prob_arr.shape != mask_arr.shape:
         raise InputError(f"mask shape {mask_arr.shape} differs from the probability map shape {prob_arr.shape}")
     if mask_arr is not None:
@@ -644,7 +651,7 @@ def read_evaluation_input(path: str | Path, voxel_size: float | None = None, min
     """
     path = Path(path)
     if not path.exists():
-        raise InputError(f"file not found: {path}")
+        raise InputError(f"file not found: {path}; check the path")
     if path.suffix.lower() in TABLE_SUFFIXES:
         from cryoves.io.tables import read_vesicles
 

@@ -9,6 +9,7 @@ last so a folder without it is never mistaken for a complete result.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -73,7 +74,7 @@ class SegmentConfig:
     tta: int = 1
     device: str = "auto"
     precision: str = "auto"
-    max_mahalanobis_p: float = 0.001
+    max_mahalanobis_p: float = 1e-4
     """Outliers: vesicles with χ² p-value below this (after re-refinement) are removed."""
     min_profile_correlation: float = 0.3
     report: bool = True
@@ -170,7 +171,7 @@ def _read_mask(path: str) -> np.ndarray:
 
     p = Path(path)
     if not p.exists():
-        raise InputError(f"file not found: {p}")
+        raise InputError(f"file not found: {p}; check the path")
     if p.suffix.lower() in {".tif", ".tiff"}:
         import tifffile
 
@@ -180,14 +181,16 @@ def _read_mask(path: str) -> np.ndarray:
             with mrcfile.open(p, permissive=False) as mrc:
                 arr = np.asarray(mrc.data)
         except (ValueError, OSError, EOFError) as exc:
-            raise InputError(f"{p} is not a readable mask volume: {exc}") from exc
+            raise InputError(f"{p} is not a readable mask volume: {exc}; give an MRC or TIFF mask on the tomogram grid") from exc
     return np.asarray(arr) != 0
 
 
 def _probability(
-    tomo: Tomogram, cfg: SegmentConfig, outdir: Path | None, input_sha: str, model: Any = None
+    tomo: Tomogram, cfg: SegmentConfig, outdir: Path | None, input_sha: str, model: Any = None, client: Any = None
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Network probability on the tomogram grid, reused from ``outdir`` when the cache key matches."""
+    """Network probability on the tomogram grid, reused from ``outdir`` when the cache key matches.
+
+    With a Dask ``client`` the tomogram is predicted block by block on its workers (same result)."""
     if cfg.from_probability:
         p = read_tomogram(cfg.from_probability, voxel_size=tomo.voxel_size_a, validate=True)
         if p.shape != tomo.shape:
@@ -197,7 +200,10 @@ def _probability(
             )
         prob = p.asarray()
         if prob.min() < -1e-3 or prob.max() > 1 + 1e-3:
-            raise InputError(f"{cfg.from_probability} is not a probability map (values outside [0, 1])")
+            raise InputError(
+                f"{cfg.from_probability} is not a probability map (values outside [0, 1]); give the map written by "
+                "'cryoves predict' or by an earlier segment run"
+            )
         return np.clip(prob, 0, 1), {"source": str(cfg.from_probability), "inverted": bool(cfg.invert)}
     from cryoves.model import load_model
     from cryoves.predict import predict_tomogram
@@ -221,6 +227,10 @@ def _probability(
         if cached is not None:
             log.info("probability map reused from %s (cache key %s)", outdir, key)
             return cached
+    if client is not None:
+        from cryoves.blockwise import predict_blockwise
+
+        predict_tomogram = functools.partial(predict_blockwise, client=client)  # noqa: F811
     res = predict_tomogram(
         tomo,
         model,
@@ -276,6 +286,7 @@ def segment(
     should_stop: Callable[[], bool] | None = None,
     keep_stages: bool = False,
     model: Any = None,
+    client: Any = None,
 ) -> SegmentResult:
     """Segment the vesicles of ``tomo`` and, when ``outdir`` is given, write every output there.
 
@@ -284,18 +295,16 @@ def segment(
     each step; ``should_stop()`` returning True raises :class:`~cryoves.errors.Cancelled`.
     ``model`` is an already loaded model (``cryoves.model.load_model``) to use instead of
     ``config.model`` (batch workers load it once); ``keep_stages`` keeps intermediate labels.
+    ``client``: a Dask client; prediction and sphere fitting of this one tomogram are then split
+    into blocks across its workers (:mod:`cryoves.blockwise`), with the single-process result.
     On an error the output folder is left without partial files (and removed if this call
-    created it and it is empty).
+    created it).
     """
-    created = outdir is not None and not Path(outdir).exists()
-    try:
+    from cryoves.io.atomic import removing_new_dirs
+
+    with removing_new_dirs(outdir) if outdir is not None else contextlib.nullcontext():
         return _segment(tomo, outdir, config, force=force, progress=progress, should_stop=should_stop,
-                        keep_stages=keep_stages, model=model)
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                Path(outdir).rmdir()  # only succeeds when empty
-        raise
+                        keep_stages=keep_stages, model=model, client=client)
 
 
 def _segment(
@@ -308,6 +317,7 @@ def _segment(
     should_stop: Callable[[], bool] | None,
     keep_stages: bool,
     model: Any,
+    client: Any = None,
 ) -> SegmentResult:
     from cryoves.postprocess.adaptive import label_vesicles
     from cryoves.postprocess.masks import restrict_probability, vesicles_in_region
@@ -332,7 +342,7 @@ def _segment(
         else steps.run("checksum", 0.02, _array_sha256, np.asarray(tomo.data))
     )
     cyto, az = steps.run("masks", 0.04, _region_masks, cfg, tomo.shape)
-    prob, pred_info = steps.run("predict", 0.05, _probability, tomo, cfg, out, input_sha, model)
+    prob, pred_info = steps.run("predict", 0.05, _probability, tomo, cfg, out, input_sha, model, client)
 
     intensity = tomo.asarray(np.float32)
     if pred_info.get("inverted"):
@@ -358,6 +368,10 @@ def _segment(
     )
     if keep_stages:
         stage_labels["adaptive"] = labels.copy()
+    if client is not None:
+        from cryoves.blockwise import fit_spheres_blockwise
+
+        fit_spheres = functools.partial(fit_spheres_blockwise, client=client)  # noqa: F811
     spheres, rej_fit = steps.run("spheres", 0.8, fit_spheres, intensity, labels, vs)
     if keep_stages:
         stage_labels["spheres"] = spheres.to_labels(tomo.shape)
@@ -428,6 +442,10 @@ def _write_outputs(
 ) -> None:
     # An older manifest would make a half-rewritten folder look complete: remove it first.
     (out / MANIFEST_NAME).unlink(missing_ok=True)
+    for name in [*OUTPUT_FILES.values(), MANIFEST_NAME]:  # temporaries of a killed earlier run
+        for stale in out.glob(f".{Path(name).stem}.*.tmp{Path(name).suffix}"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
     try:
         _write_result_files(out, tomo, vesicles, rejected, prob, labels, cyto, az, manifest, steps)
     except BaseException:

@@ -10,9 +10,10 @@ voxels leave seams with |Δp| up to 0.03). The decoder computes only the kept bl
 (:meth:`UNet3D.forward_logits` with ``crop``), which saves ~40 % of the work per tile.
 
 Memory: the output is written block by block into ``out`` (may be a ``np.memmap``). Peak
-resident memory of :func:`predict_array` ≈ runtime (~0.4 GiB) + batch · T³ · B_act bytes for
-tiles of side T (B_act ≈ 150 fp32 / 90 bf16, measured) + the input and output arrays if they
-are in memory (2 × 4 bytes per model-grid voxel; 0 for memory maps).
+resident memory of :func:`predict_array` ≈ runtime (~0.45 GiB) + batch · T³ · B_act bytes for
+tiles of side T (B_act ≈ 170 fp32 / 140 bf16, measured; T = 152 by default in fp32 → 0.56 GiB)
++ the input and output arrays if they are in memory (2 × 4 bytes per model-grid voxel; 0 for
+memory maps).
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ log = logging.getLogger(__name__)
 #: Context (model voxels) added on each inner side of a tile; multiple of 4. 24 covers the
 #: receptive field of the default U-Net, so tiling is exact (see the module docstring).
 DEFAULT_CONTEXT = 24
-#: Approximate peak bytes per tile voxel during one forward pass (measured on CPU, batch 1).
-BYTES_PER_TILE_VOXEL = {"fp32": 150, "bf16": 90, "fp16": 90}
+#: Peak bytes per tile voxel during one forward pass (measured on CPU, batch 1, tile 152,
+#: CryoVesNet U-Net: the encoder's two 16-channel level-0 tensors dominate).
+BYTES_PER_TILE_VOXEL = {"fp32": 170, "bf16": 140, "fp16": 140}
 #: Default activation-memory budget for choosing the tile size automatically (bytes).
-DEFAULT_TILE_BUDGET = 512 * 2**20
+DEFAULT_TILE_BUDGET = 640 * 2**20
 MIN_TILE = 48
 MAX_TILE = 256
 
@@ -153,6 +155,38 @@ def available_memory(device: torch.device) -> int:
 def estimate_tile_memory(tile: int, batch_size: int, precision: str) -> int:
     """Approximate peak activation bytes of one batched forward pass of tiles of side ``tile``."""
     return int(batch_size * tile**3 * BYTES_PER_TILE_VOXEL.get(precision, 150))
+
+
+def plan_tiles_memory(
+    device: torch.device,
+    precision: str,
+    tile: int | None = None,
+    batch_size: int | None = None,
+    context: int = DEFAULT_CONTEXT,
+    memory_budget: int | None = None,
+) -> tuple[int, int]:
+    """Tile side and batch size for ``device``; :class:`ResourceError` (naming a ``--tile`` that
+    fits) when the activations of the requested tile cannot fit the available memory.
+
+    ``tile`` None: the largest tile within ``memory_budget`` (default min(DEFAULT_TILE_BUDGET,
+    ½ available memory)). Cheap: call it before any work to fail early.
+    """
+    avail = available_memory(device)
+    budget = memory_budget if memory_budget is not None else min(DEFAULT_TILE_BUDGET, avail // 2)
+    if tile is None:
+        tile = choose_tile(budget, precision)
+    if tile % 4 or tile <= 2 * context:
+        raise ParameterError(f"tile {tile} must be a multiple of 4 larger than {2 * context}; use e.g. --tile 96")
+    if batch_size is None:
+        batch_size = max(1, int(budget // max(1, estimate_tile_memory(tile, 1, precision))))
+    need = estimate_tile_memory(tile, batch_size, precision)
+    if need > avail:
+        suggestion = choose_tile(avail // 2, precision)
+        raise ResourceError(
+            f"tile {tile}³ × batch {batch_size} needs ~{need / 2**30:.1f} GiB but only "
+            f"{avail / 2**30:.1f} GiB is available; use --tile {suggestion} (and batch size 1)"
+        )
+    return int(tile), int(batch_size)
 
 
 def choose_tile(budget: int, precision: str, divisor: int = 4) -> int:
@@ -318,7 +352,7 @@ def predict_array(
     """Probabilities (float32, same shape) for a normalised (z, y, x) volume on the model grid.
 
     ``tile``: tile side in voxels (multiple of 4; default: the largest that fits
-    ``memory_budget``, itself by default min(512 MiB, ½ available memory)). ``tta``: number of
+    ``memory_budget``, itself by default min(640 MiB, ½ available memory)). ``tta``: number of
     in-plane test-time transforms (1–16), merged by the mean of logits. ``out``: array (e.g.
     ``np.memmap``) to write into block by block. Raises :class:`ResourceError` when the chosen
     tile cannot fit the available memory; on a CUDA out-of-memory error the tile is halved and
@@ -334,22 +368,7 @@ def predict_array(
     shape = tuple(int(s) for s in volume.shape)
     if len(shape) != 3:
         raise ParameterError(f"predict_array needs a 3-D volume, got shape {shape}")
-    avail = available_memory(dev)
-    budget = memory_budget if memory_budget is not None else min(DEFAULT_TILE_BUDGET, avail // 2)
-    auto_tile = tile is None
-    if auto_tile:
-        tile = choose_tile(budget, precision)
-    if tile % 4 or tile <= 2 * context:
-        raise ParameterError(f"tile {tile} must be a multiple of 4 larger than {2 * context}")
-    if batch_size is None:
-        batch_size = max(1, int(budget // max(1, estimate_tile_memory(tile, 1, precision))))
-    need = estimate_tile_memory(tile, batch_size, precision)
-    if need > avail:
-        suggestion = choose_tile(avail // 2, precision)
-        raise ResourceError(
-            f"tile {tile}³ × batch {batch_size} needs ~{need / 2**30:.1f} GiB but only "
-            f"{avail / 2**30:.1f} GiB is available; use --tile {suggestion} (and batch size 1)"
-        )
+    tile, batch_size = plan_tiles_memory(dev, precision, tile, batch_size, context, memory_budget)
     if out is None:
         out = np.empty(shape, np.float32)
     elif tuple(out.shape) != shape:
@@ -516,6 +535,8 @@ def predict_tomogram(
     info = loaded.info
     dev = choose_device(device)
     prec = choose_precision(precision, dev)
+    if tile is not None:  # fail before resampling a large tomogram, not after
+        plan_tiles_memory(dev, prec, tile, batch_size)
     scratch_dir = out_path.parent if out_path is not None else None
     nominal = model_grid_scale(tomo.voxel_size, info.voxel_size_a, vesicle_radius_nm, info.vesicle_radius_nm)
     mshape = _target_shape(tomo.shape, nominal)
@@ -575,8 +596,9 @@ def predict_file(
     Other keyword arguments are those of :func:`predict_tomogram`.
     """
     from cryoves.io import read_tomogram
-    from cryoves.io.atomic import check_file_output
+    from cryoves.io.atomic import check_file_output, removing_new_dirs
 
     check_file_output(out, force=force)
     tomo = read_tomogram(tomogram, voxel_size=voxel_size)
-    return predict_tomogram(tomo, model, out=out, force=force, **kwargs)
+    with removing_new_dirs(Path(out).parent):
+        return predict_tomogram(tomo, model, out=out, force=force, **kwargs)

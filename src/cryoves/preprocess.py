@@ -21,8 +21,8 @@ from cryoves.io.tomogram import Tomogram
 
 log = logging.getLogger(__name__)
 
-#: Number of voxels a resampling chunk reads at most (input side), ~64 MiB of float32.
-_CHUNK_VOXELS = 1 << 24
+#: Number of voxels a resampling chunk reads at most (input side), ~16 MiB of float32.
+_CHUNK_VOXELS = 1 << 22
 
 
 def _axis_coords(n: int, m: int) -> np.ndarray:
@@ -187,7 +187,7 @@ def from_model_grid(prob: Any, shape: Sequence[int], out: np.ndarray | None = No
     return resample(prob, shape, order=1, antialias=True, out=out)
 
 
-def _sample(volume: Any, max_voxels: int = 1 << 22) -> np.ndarray:
+def _sample(volume: Any, max_voxels: int = 1 << 21) -> np.ndarray:
     """A deterministic strided subsample (float64) for statistics of big volumes."""
     n = int(np.prod(volume.shape))
     step = max(1, int(round((n / max_voxels) ** (1 / 3))))
@@ -207,7 +207,7 @@ def normalise(
 
     ``zscore``: (x − mean) / std. ``robust_zscore``: clip to the given percentiles first (gold
     beads, empty slabs), then z-score with the mean/std of the clipped values. ``none``: as is.
-    Statistics come from a strided subsample of ≤ 4 M voxels.
+    Statistics come from a strided subsample of ≤ 2 M voxels.
     """
     if method not in NORMALISATIONS:
         raise ParameterError(f"unknown normalisation '{method}'; use one of {', '.join(NORMALISATIONS)}")
@@ -227,7 +227,7 @@ def normalise(
     mean, std = float(s.mean()), float(s.std())
     if not std > 0:
         raise InputError(
-            f"the volume is constant (every voxel is {mean:g}); nothing to segment - check that the file "
+            f"the volume is constant (every voxel is {mean:g}), nothing to segment; check that the file "
             "holds the reconstructed tomogram"
         )
     arr -= np.float32(mean)
@@ -239,7 +239,7 @@ def normalise(
 POLARITY_MIN_CONFIDENCE = 0.02
 
 
-def detect_polarity(volume: Any, sigma: float = 2.0, max_side: int = 160) -> tuple[str, float]:
+def detect_polarity(volume: Any, sigma: float = 2.0, max_side: int = 128) -> tuple[str, float]:
     """Guess whether dense material (membranes, protein) is dark or bright.
 
     Method: dense matter is a minority of the voxels in a sea of ice/cytosol, so the intensity

@@ -163,7 +163,7 @@ class VesicleTable:
         """Read a vesicle CSV. The voxel size comes from ``voxel_size`` or the nm columns."""
         path = Path(path)
         if not path.exists():
-            raise InputError(f"file not found: {path}")
+            raise InputError(f"file not found: {path}; check the path")
         try:
             df = pd.read_csv(path)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:

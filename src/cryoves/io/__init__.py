@@ -34,7 +34,7 @@ def read_tomogram(path: str | Path, voxel_size: Any = None, **kwargs: Any) -> To
     """
     path = Path(path)
     if not path.exists():
-        raise InputError(f"file not found: {path}")
+        raise InputError(f"file not found: {path}; check the path")
     suffix = path.suffix.lower()
     if path.is_dir() or suffix == ".zarr":
         from cryoves.io.zarr import read_ome_zarr
@@ -67,12 +67,17 @@ def read_label_volume(path: str | Path, voxel_size: Any = None) -> tuple[np.ndar
     arr = np.asarray(data)
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
-            raise FormatError(f"{path} is not a label volume: it holds non-integer or NaN values")
+            raise FormatError(
+                f"{path} is not a label volume: it holds non-integer or NaN values; give an instance-label volume "
+                "(whole numbers, 0 = background)"
+            )
         arr = arr.astype(np.int64)
     elif arr.dtype.kind not in "iu":
-        raise FormatError(f"{path} is not a label volume: data type {arr.dtype}")
+        raise FormatError(f"{path} is not a label volume: data type {arr.dtype}; give an integer instance-label volume")
     if arr.size and arr.min() < 0:
-        raise FormatError(f"{path} is not a label volume: it holds negative values (min {arr.min()})")
+        raise FormatError(
+            f"{path} is not a label volume: it holds negative values (min {arr.min()}); give labels >= 0 (0 = background)"
+        )
     top = int(arr.max()) if arr.size else 0
     target = np.uint16 if top <= np.iinfo(np.uint16).max else np.uint32 if top <= np.iinfo(np.uint32).max else np.int64
     if not Tomogram(arr, vs).is_isotropic:

@@ -26,6 +26,8 @@ def _as_output_error(exc: OSError, path: Path) -> OutputError:
         return OutputError(f"disk full while writing {path}; free space or choose another --output")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OutputError(f"cannot write {path}: permission denied; choose a writable --output")
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        return OutputError(f"cannot write {path}: a file is in the way where a folder is needed; choose another --output")
     return OutputError(f"cannot write {path}: {exc.strerror or exc}; choose another --output")
 
 
@@ -34,9 +36,16 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     """Yield a temporary path next to ``target``; on success rename it to ``target``.
 
     The temporary name keeps the target's suffix (writers such as tifffile or mrcfile look at it).
-    On any exception the temporary file is removed and ``target`` is left untouched.
+    On any exception the temporary file is removed, ``target`` is left untouched, and folders
+    created for it are removed again.
     """
     target = Path(target)
+    with removing_new_dirs(target.parent), _atomic_file(target, suffix) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_file(target: Path, suffix: str | None) -> Iterator[Path]:
     suffix = target.suffix if suffix is None else suffix
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -146,13 +155,38 @@ def prepare_output_dir(outdir: str | os.PathLike, *, force: bool = False) -> Pat
 
 
 def make_dir(path: str | os.PathLike) -> Path:
-    """Create folder ``path`` (and its parents); an OSError becomes an :class:`OutputError` naming the fix."""
+    """Create folder ``path`` (and its parents) and check that it is writable.
+
+    An OSError becomes an :class:`OutputError` naming the fix, before any work starts.
+    """
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=path, prefix=".write-test.", delete=True).close()
     except OSError as exc:
         raise _as_output_error(exc, path) from exc
     return path
+
+
+@contextlib.contextmanager
+def removing_new_dirs(path: str | os.PathLike) -> Iterator[Path]:
+    """On an exception, remove ``path`` and the parents of it that the block created, if they are empty.
+
+    So a command that fails on a bad input leaves no empty output folders behind.
+    """
+    path = Path(path)
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    try:
+        yield path
+    except BaseException:
+        for d in missing:  # deepest first; rmdir only succeeds on empty folders
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
 
 
 def check_file_output(target: str | os.PathLike, *, force: bool = False) -> Path:

@@ -93,6 +93,8 @@ assert _HEADER.size == 232 and _OBJECT.size == 176
 
 # Default object display bytes: symbol, symsize, linewidth2, linewidth, linesty, symflags, sympad, trans
 _DEFAULT_SYMBOL_BYTES = (0, 3, 1, 1, 0, 0, 0, 0)
+#: Largest |coordinate| (pixels) the reader accepts in a contour point.
+MAX_COORDINATE = 1e7
 
 
 # ----------------------------------------------------------------------------------- data model
@@ -227,7 +229,9 @@ class _Reader:
         return len(self.data) - self.pos
 
     def fail(self, what: str) -> FormatError:
-        return FormatError(f"{self.source} is not a valid IMOD model: {what} (byte {self.pos})")
+        return FormatError(
+            f"{self.source} is not a valid IMOD model: {what} (byte {self.pos}); export the model again from 3dmod"
+        )
 
     def take(self, n: int, what: str) -> bytes:
         if n < 0 or n > self.remaining:
@@ -241,7 +245,8 @@ class _Reader:
 
     def floats(self, count: int, what: str) -> np.ndarray:
         raw = self.take(4 * count, what)
-        arr = np.frombuffer(raw, dtype=">f4").astype(np.float64)
+        with np.errstate(invalid="ignore"):  # signalling NaNs warn on the cast; refused just below
+            arr = np.frombuffer(raw, dtype=">f4").astype(np.float64)
         if not np.isfinite(arr).all():
             raise self.fail(f"non-finite value in {what}")
         return arr
@@ -282,7 +287,7 @@ def parse_mod(data: bytes, source: str = "<bytes>") -> ImodModel:
     except FormatError:
         raise
     except (struct.error, ValueError, IndexError, OverflowError) as exc:  # safety net
-        raise FormatError(f"{source} is not a valid IMOD model: {exc}") from exc
+        raise FormatError(f"{source} is not a valid IMOD model: {exc}; export the model again from 3dmod") from exc
 
 
 def _parse(rd: _Reader) -> ImodModel:
@@ -355,6 +360,9 @@ def _read_contour(rd: _Reader) -> ImodContour:
     if psize < 0 or 12 * psize > rd.remaining:
         raise rd.fail(f"contour point count {psize} does not fit the file size")
     pts = rd.floats(3 * psize, "contour points").reshape(-1, 3)
+    if pts.size and np.abs(pts).max() > MAX_COORDINATE:
+        # no image is 10^7 pixels wide: such values are corruption, and overflow pixel indices
+        raise rd.fail(f"contour point coordinate {np.abs(pts).max():.3g} is out of range (> {MAX_COORDINATE:g} px)")
     return ImodContour(points=pts, flags=cflags, time=time, surf=surf)
 
 

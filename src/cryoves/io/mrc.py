@@ -40,7 +40,7 @@ def read_mrc(path: str | Path, voxel_size: Any = None, *, mmap: bool = True, val
     """
     path = Path(path)
     if not path.exists():
-        raise InputError(f"file not found: {path}")
+        raise InputError(f"file not found: {path}; check the path")
     if path.is_dir():
         raise InputError(f"{path} is a folder, not an MRC file")
     notes: list[str] = []
@@ -59,7 +59,7 @@ def read_mrc(path: str | Path, voxel_size: Any = None, *, mmap: bool = True, val
                 notes.append("header lacks the 'MAP ' id string (old or non-standard writer)")
         notes.extend(str(w.message) for w in caught)
     except (ValueError, OSError, EOFError) as exc:
-        raise FormatError(f"{path} is not a valid MRC file: {exc}") from exc
+        raise FormatError(f"{path} is not a valid MRC file: {exc}; check the file or convert it to MRC2014") from exc
     data = mrc.data
     if data is None:
         raise FormatError(f"{path} is not a valid MRC file: no readable data block (mode {int(mrc.header.mode)})")
@@ -69,7 +69,7 @@ def read_mrc(path: str | Path, voxel_size: Any = None, *, mmap: bool = True, val
         notes.append("mode 0 with IMOD 'unsigned bytes' flag: read as uint8")
     data = _to_zyx(data, header, notes)
     if data.ndim != 3:
-        msg = f"{path} holds a {data.ndim}-D array with shape {data.shape}; a tomogram must be 3-D (z, y, x)"
+        msg = f"{path} holds a {data.ndim}-D array with shape {data.shape}; a tomogram must be 3-D (z, y, x): give the reconstructed volume, one tomogram per file"
         if validate:
             raise InputError(msg)
         notes.append(msg)
@@ -91,7 +91,9 @@ def _check_size(path: Path) -> None:
     """Compare the file size with the header (clearer message than mrcfile's mmap error)."""
     size = path.stat().st_size
     if size < _HEADER_BYTES:
-        raise FormatError(f"{path} is not a valid MRC file: {size} bytes, shorter than the 1024-byte header")
+        raise FormatError(
+            f"{path} is not a valid MRC file: {size} bytes, shorter than the 1024-byte header; copy or export it again"
+        )
     raw = np.fromfile(path, dtype=np.uint8, count=_HEADER_BYTES)
     for order in ("<", ">"):
         ints = raw[:96].view(f"{order}i4")
@@ -100,12 +102,22 @@ def _check_size(path: Path) -> None:
         if mode in _MODE_DTYPES and min(nx, ny, nz) >= 0 and nsymbt >= 0:
             break
     else:
-        raise FormatError(f"{path} is not a valid MRC file: unknown data mode {int(raw[12:16].view('<i4')[0])}")
+        mode = int(raw[12:16].view("<i4")[0])
+        if 0 <= mode <= 16:
+            raise FormatError(
+                f"{path} is not a valid MRC file: unknown data mode {mode}; convert it to a float32 or int16 MRC "
+                "(e.g. IMOD 'newstack -mode 2')"
+            )
+        raise FormatError(
+            f"{path} is not a valid MRC file: its header makes no sense (data mode {mode}); check that the file "
+            "really is an MRC/REC tomogram"
+        )
     expected = _HEADER_BYTES + nsymbt + nx * ny * nz * np.dtype(_MODE_DTYPES[mode]).itemsize
     if size < expected:
         raise FormatError(
             f"{path} is truncated or its header is wrong: header says {nz}x{ny}x{nx} voxels of mode {mode} "
-            f"after a {nsymbt}-byte extended header ({expected} bytes), but the file has {size} bytes"
+            f"after a {nsymbt}-byte extended header ({expected} bytes), but the file has {size} bytes; copy the file "
+            "again or re-export it"
         )
 
 

@@ -61,7 +61,7 @@ def read_star(path: str | Path, voxel_size: float | None = None) -> VesicleTable
 
     path = Path(path)
     if not path.exists():
-        raise InputError(f"file not found: {path}")
+        raise InputError(f"file not found: {path}; check the path")
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as exc:  # starfile raises assorted parser errors
@@ -69,7 +69,7 @@ def read_star(path: str | Path, voxel_size: float | None = None) -> VesicleTable
     frames = [b for b in blocks.values() if isinstance(b, pd.DataFrame)]
     particles = next((b for b in frames if all(c in b.columns for c in _STAR_COORDS)), None)
     if particles is None:
-        raise FormatError(f"{path} has no data block with rlnCoordinateX/Y/Z columns")
+        raise FormatError(f"{path} has no data block with rlnCoordinateX/Y/Z columns; export the vesicles with coordinates and radii")
     rcol = next((c for c in _STAR_RADIUS if c in particles.columns), None)
     if rcol is None:
         raise FormatError(f"{path} has no radius column ({' or '.join(_STAR_RADIUS)}); cannot make spheres")
@@ -115,7 +115,7 @@ def read_vesicles(path: str | Path, voxel_size: float | None = None) -> VesicleT
     """
     path = Path(path)
     if not path.exists():
-        raise InputError(f"file not found: {path}")
+        raise InputError(f"file not found: {path}; check the path")
     suffix = path.suffix.lower()
     if voxel_size is not None:
         voxel_size = validate_voxel_size(voxel_size, source="--voxel-size option")[2]
@@ -207,7 +207,7 @@ def convert_vesicles(
     """
     src, dst = Path(src), Path(dst)
     if not src.exists():
-        raise InputError(f"file not found: {src}")
+        raise InputError(f"file not found: {src}; check the path")
     src_kind, dst_kind = _kind_of(src, from_, "from"), _kind_of(dst, to, "to")
     from cryoves.io import is_volume_path
 
@@ -323,5 +323,5 @@ def _mask(path: str | Path, grid: tuple[int, ...]) -> np.ndarray:
 
     m = read_tomogram(path, validate=False)
     if tuple(m.shape) != tuple(grid):
-        raise InputError(f"mask {path} has shape {m.shape}, the label grid is {tuple(grid)}")
+        raise InputError(f"mask {path} has shape {m.shape}, the label grid is {tuple(grid)}; give a mask on that grid")
     return np.asarray(m.data) != 0

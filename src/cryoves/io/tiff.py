@@ -48,7 +48,7 @@ def read_tiff(path: str | Path, voxel_size: Any = None, *, validate: bool = True
     """
     path = Path(path)
     if not path.exists():
-        raise InputError(f"file not found: {path}")
+        raise InputError(f"file not found: {path}; check the path")
     notes: list[str] = []
     try:
         with tifffile.TiffFile(path) as tif:
@@ -71,7 +71,7 @@ def read_tiff(path: str | Path, voxel_size: Any = None, *, validate: bool = True
         if len(squeezed) == 3:
             data = data.reshape(squeezed)
     if data.ndim != 3:
-        msg = f"{path} holds a {data.ndim}-D image with shape {data.shape}; a tomogram must be 3-D (z, y, x)"
+        msg = f"{path} holds a {data.ndim}-D image with shape {data.shape}; a tomogram must be 3-D (z, y, x): give the reconstructed volume, one tomogram per file"
         if validate:
             raise InputError(msg)
         notes.append(msg)

@@ -79,7 +79,10 @@ def validate_volume(data: Any, source: str = "volume", check_finite: bool = True
     shape = tuple(getattr(data, "shape", ()))
     if len(shape) != 3:
         kind = {0: "a scalar", 1: "1-D", 2: "a 2-D image"}.get(len(shape), f"{len(shape)}-D")
-        raise InputError(f"{source} is {kind} with shape {shape}; a tomogram must be 3-D (z, y, x)")
+        raise InputError(
+            f"{source} is {kind} with shape {shape}; a tomogram must be 3-D (z, y, x): give the reconstructed "
+            "volume, one tomogram per file"
+        )
     if 0 in shape:
         raise InputError(f"{source} is empty (shape {shape})")
     if 1 in shape:

@@ -34,7 +34,7 @@ def read_ome_zarr(path: str | Path, voxel_size: Any = None, *, validate: bool = 
 
     path = Path(path)
     if not path.exists():
-        raise InputError(f"file not found: {path}")
+        raise InputError(f"file not found: {path}; check the path")
     notes: list[str] = []
     try:
         group = zarr.open_group(str(path), mode="r")

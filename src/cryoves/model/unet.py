@@ -132,19 +132,21 @@ class UNet3D(nn.Module):
             ext.append(e)
             need.append([(a // 2, (b + 1) // 2) for a, b in e])
         skips = []
-        for level in self.down:
+        for j, level in enumerate(self.down):
             x = level(x)
-            skips.append(x)
+            skip = _slice(x, ext[j])
+            # keep only the part of the skip the decoder reads (frees memory of big tiles)
+            skips.append(skip.clone() if skip is not x else skip)
             x = F.max_pool3d(x, 2)
+            del skip
         x = self.middle(x)
         x = _slice(x, need[-1])
         for level in self.up:
             j = len(skips) - 1
-            skip = _slice(skips.pop(), ext[j])
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
             x = _slice(x, [(a - 2 * na, b - 2 * na) for (a, b), (na, _) in zip(ext[j], need[j + 1], strict=True)])
-            x = level(torch.cat([x, skip], dim=1))
-            del skip
+            x = torch.cat([x, skips.pop()], dim=1)  # the inputs are freed before the convolutions
+            x = level(x)
             x = _slice(x, [(a - ea, b - ea) for (a, b), (ea, _) in zip(need[j], ext[j], strict=True)])
         return self.head(x)
 

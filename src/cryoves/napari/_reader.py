@@ -93,8 +93,12 @@ def vesicle_layers(
             (
                 c[ok],
                 {
-                    "name": f"{name} (rejected candidates)", "scale": scale, "size": 2 * r[ok],
-                    "face_color": "transparent", "border_color": "red", "border_width": 0.04,
+                    "name": f"{name} (rejected candidates)",
+                    "scale": scale,
+                    "size": 2 * r[ok],
+                    "face_color": "transparent",
+                    "border_color": "red",
+                    "border_width": 0.04,
                     "visible": False,
                 },
                 "points",
@@ -106,8 +110,12 @@ def vesicle_layers(
 def points_kwargs(table: VesicleTable, name: str, scale: Sequence[float]) -> dict:
     """Keyword arguments of the vesicle points layer (sizes = diameters in voxels)."""
     return {
-        "name": name, "scale": tuple(scale), "size": 2 * table.radii, "face_color": "transparent",
-        "border_color": source_colours(table), "border_width": 0.04,
+        "name": name,
+        "scale": tuple(scale),
+        "size": 2 * table.radii,
+        "face_color": "transparent",
+        "border_color": source_colours(table),
+        "border_width": 0.04,
         "features": {"id": table.ids},
     }
 

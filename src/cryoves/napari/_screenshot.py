@@ -13,16 +13,22 @@ import tempfile
 from pathlib import Path
 
 
-def make_screenshot(path: str | Path, *, model: str = "cryovesnet", shape: tuple[int, int, int] = (96, 192, 192),
-                    seed: int = 0, size: tuple[int, int] = (1700, 950)) -> Path:
+def make_screenshot(
+    path: str | Path,
+    *,
+    model: str = "cryovesnet",
+    shape: tuple[int, int, int] = (96, 192, 192),
+    seed: int = 0,
+    size: tuple[int, int] = (1700, 950),
+) -> Path:
     """Write a PNG of napari with the editor docked, on a simulated synapse of ``shape`` (z, y, x)."""
     import napari
     import numpy as np
 
+    from cryoves.io import write_mrc
     from cryoves.napari._widgets import open_review
     from cryoves.pipeline import SegmentConfig, segment
     from cryoves.simulate import SimulationConfig, simulate
-    from cryoves.io import write_mrc
 
     with tempfile.TemporaryDirectory() as tmp:
         sim = simulate(SimulationConfig.preset("synapse", shape=shape), seed)
@@ -45,9 +51,8 @@ def make_screenshot(path: str | Path, *, model: str = "cryovesnet", shape: tuple
         camera(viewer).center = tuple(np.asarray(shape[1:]) / 2 * s.voxel_size / 10)
         camera(viewer).zoom = 0.9 * min(size) / (max(shape[1:]) * s.voxel_size / 10)
         viewer.layers.selection.active = editor.labels_layer
-        from qtpy.QtWidgets import QApplication
-
         from napari._qt.dialogs.qt_notification import NapariQtNotification
+        from qtpy.QtWidgets import QApplication
 
         for _ in range(20):  # let Qt lay out the docked editor before grabbing the window
             QApplication.processEvents()

@@ -82,7 +82,9 @@ def qc_scores(df: pd.DataFrame) -> np.ndarray:
         return np.zeros(n)
     stacked = np.vstack(parts)
     with np.errstate(all="ignore"):
-        score = np.where(np.isfinite(stacked).any(axis=0), np.nanmax(np.where(np.isfinite(stacked), stacked, -np.inf), axis=0), 0.0)
+        score = np.where(
+            np.isfinite(stacked).any(axis=0), np.nanmax(np.where(np.isfinite(stacked), stacked, -np.inf), axis=0), 0.0
+        )
     return np.maximum(score, 0.0)
 
 
@@ -139,7 +141,7 @@ class EditSession:
             df["source"] = "auto"
         if "review" not in df.columns:
             df["review"] = ""
-        df["review"] = df["review"].fillna("").astype(str)
+        df["review"] = _text_column(df["review"])
         self.table = table.with_df(df)
         self.rejected = self._normalise_rejected(rejected)
         self.labels = self.table.to_labels(self.shape)
@@ -160,7 +162,7 @@ class EditSession:
                 df[c] = np.nan if c in ("z", "y", "x", "radius") else ""
         if "review" not in df.columns:
             df["review"] = ""
-        df["review"] = df["review"].fillna("").astype(str)
+        df["review"] = _text_column(df["review"])
         return df.reset_index(drop=True)
 
     def _state(self) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -178,7 +180,7 @@ class EditSession:
     def counts(self) -> dict[str, int]:
         """Live counts for the widget: vesicles, accepted, manual/added, rejected candidates, queue left."""
         df = self.table.df
-        src = df["source"].fillna("").astype(str)
+        src = _text_column(df["source"])
         return {
             "vesicles": len(df),
             "accepted": int((df["review"] == "accepted").sum()),
@@ -191,7 +193,7 @@ class EditSession:
     def vesicle_at(self, point: Sequence[float]) -> int | None:
         """Id of the vesicle covering voxel ``point`` (z, y, x; rounded), or None."""
         idx = tuple(int(round(float(p))) for p in point)
-        if any(i < 0 or i >= s for i, s in zip(idx, self.shape)):
+        if any(i < 0 or i >= s for i, s in zip(idx, self.shape, strict=True)):
             return None
         val = int(self.labels[idx])
         return val or None
@@ -296,7 +298,7 @@ class EditSession:
 
     def move(self, vid: int, centre: Sequence[float]) -> None:
         """Move vesicle ``vid`` to ``centre`` (z, y, x voxels)."""
-        self._edit(vid, f"move {vid}", **dict(zip("zyx", (float(c) for c in centre))))
+        self._edit(vid, f"move {vid}", **dict(zip("zyx", (float(c) for c in centre), strict=True)))
 
     def nudge(self, vid: int, delta: Sequence[float]) -> None:
         """Shift vesicle ``vid`` by ``delta`` (dz, dy, dx voxels)."""
@@ -335,17 +337,18 @@ class EditSession:
         """Items to review, worst first: pipeline-rejected candidates, then vesicles by QC score."""
         items: list[QueueItem] = []
         rej = self.rejected
-        ok = np.isfinite(rej[["z", "y", "x", "radius"]].to_numpy(float)).all(axis=1) if len(rej) else []
-        for i in np.flatnonzero(ok):
-            row = rej.iloc[i]
-            if include_reviewed or not row["review"]:
-                items.append(QueueItem("rejected", int(i), tuple(row[["z", "y", "x"]].astype(float)), float(row["radius"]), np.inf))
+        if len(rej):
+            sph = rej[["z", "y", "x", "radius"]].to_numpy(float)
+            todo = np.isfinite(sph).all(axis=1) & (include_reviewed | (rej["review"].to_numpy(str) == ""))
+            items += [QueueItem("rejected", int(i), tuple(sph[i, :3]), float(sph[i, 3]), np.inf) for i in np.flatnonzero(todo)]
         df = self.table.df
-        score = qc_scores(df)
-        for k in np.argsort(-score, kind="stable"):
-            row = df.iloc[k]
-            if include_reviewed or not row["review"]:
-                items.append(QueueItem("vesicle", int(row["id"]), tuple(row[["z", "y", "x"]].astype(float)), float(row["radius"]), float(score[k])))
+        if len(df):
+            score = qc_scores(df)
+            sph = df[["z", "y", "x", "radius"]].to_numpy(float)
+            ids = df["id"].to_numpy()
+            todo = include_reviewed | (df["review"].to_numpy(str) == "")
+            order = [k for k in np.argsort(-score, kind="stable") if todo[k]]
+            items += [QueueItem("vesicle", int(ids[k]), tuple(sph[k, :3]), float(sph[k, 3]), float(score[k])) for k in order]
         return items
 
     def accept(self, item: QueueItem | int) -> int | None:
@@ -379,8 +382,20 @@ class EditSession:
         row = self.rejected.iloc[index]
         if not np.isfinite(row[["z", "y", "x", "radius"]].to_numpy(float)).all() or row["radius"] <= 0:
             raise ParameterError(f"rejected candidate {index} has no sphere to restore")
-        vid = int(row["id"]) if pd.notna(row["id"]) and int(row["id"]) not in set(self.table.ids) and int(row["id"]) > 0 else self.table.next_id()
-        new = {"id": vid, "z": row["z"], "y": row["y"], "x": row["x"], "radius": row["radius"], "source": "restored", "review": "accepted"}
+        vid = (
+            int(row["id"])
+            if pd.notna(row["id"]) and int(row["id"]) not in set(self.table.ids) and int(row["id"]) > 0
+            else self.table.next_id()
+        )
+        new = {
+            "id": vid,
+            "z": row["z"],
+            "y": row["y"],
+            "x": row["x"],
+            "radius": row["radius"],
+            "source": "restored",
+            "review": "accepted",
+        }
         df = pd.concat([self.table.df, pd.DataFrame([new])], ignore_index=True)
         self._commit(f"restore {vid}", df, self.rejected.drop(index=index))
         return vid
@@ -459,9 +474,16 @@ class EditSession:
             raise FormatError(f"{path} is not a readable recovery file ({exc}); delete it to start afresh") from exc
         table = VesicleTable(df, data["voxel_size_a"])
         return cls(
-            table, data["shape"], tomogram=tomogram, rejected=rej, recovery_path=path, fitter=fitter,
-            expected_radius=data.get("expected_radius"), session_id=data["session_id"],
-            source_dir=data.get("source_dir"), origin=data.get("origin_a") or (0, 0, 0),
+            table,
+            data["shape"],
+            tomogram=tomogram,
+            rejected=rej,
+            recovery_path=path,
+            fitter=fitter,
+            expected_radius=data.get("expected_radius"),
+            session_id=data["session_id"],
+            source_dir=data.get("source_dir"),
+            origin=data.get("origin_a") or (0, 0, 0),
             inputs=data.get("inputs"),
         )
 
@@ -471,7 +493,10 @@ class EditSession:
 
     # ----------------------------------------------------------------- save
     def save(self, outdir: str | Path | None = None, *, force: bool = False) -> dict[str, Path]:
-        """Write the edited result to ``outdir`` (default ``<source_dir>/reviewed``) in all formats.
+        """Write the edited result to ``outdir`` in all formats.
+
+        The default ``outdir`` is ``<source_dir>/reviewed``, or ``source_dir`` itself when that
+        already is a saved review (re-opened reviews save in place).
 
         Writes vesicles.csv, rejected.csv, labels.mrc and, where the exporters are installed,
         vesicles.star, vesicles.mod (IMOD) and pyto_labels.mrc; manifest.json last. Refuses
@@ -481,7 +506,9 @@ class EditSession:
         if outdir is None:
             if self.source_dir is None:
                 raise ParameterError("no output folder given and the session has no source folder; pass -o/--output")
-            outdir = self.source_dir / REVIEW_DIRNAME
+            outdir = (
+                self.source_dir if _manifest_kind(self.source_dir) == "review" else self.source_dir / REVIEW_DIRNAME
+            )
         outdir = Path(outdir)
         self._check_overwrite(outdir, force)
         outdir.mkdir(parents=True, exist_ok=True)
@@ -518,14 +545,27 @@ class EditSession:
         manifest = outdir / MANIFEST_NAME
         if force or not manifest.exists():
             return
-        try:
-            meta = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            meta = {}
+        meta = _read_manifest(outdir)
         if meta.get("kind") == "review" and meta.get("review", {}).get("session_id") == self.session_id:
             return  # our own earlier save
         what = "a review saved by another session" if meta.get("kind") == "review" else "the automatic result"
         raise OutputExistsError(f"{outdir} holds {what}; save elsewhere or pass force=True (--force) to overwrite it")
+
+
+def _text_column(col: pd.Series) -> pd.Series:
+    """A text column with "" for missing values (CSV gives float NaN for an all-empty column)."""
+    return col.astype(object).where(col.notna(), "").astype(str)
+
+
+def _read_manifest(folder: Path) -> dict:
+    try:
+        return json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _manifest_kind(folder: Path) -> str | None:
+    return _read_manifest(folder).get("kind")
 
 
 def _plausible(row: dict, centre: np.ndarray, radius: float) -> bool:
@@ -584,7 +624,9 @@ def _optional_exporters() -> dict[str, Callable[..., Path]]:
     return {"star": star, "imod": imod, "pyto": pyto}
 
 
-def load_result(outdir: str | Path, *, recover: bool | None = None, fitter: Fitter | None | str = "default") -> tuple[EditSession, Any]:
+def load_result(
+    outdir: str | Path, *, recover: bool | None = None, fitter: Fitter | None | str = "default"
+) -> tuple[EditSession, Any]:
     """Open a ``cryoves segment`` output folder for review; returns ``(session, tomogram)``.
 
     The tomogram (a :class:`cryoves.io.Tomogram`, or None when its file is gone) comes from
@@ -622,12 +664,22 @@ def load_result(outdir: str | Path, *, recover: bool | None = None, fitter: Fitt
         with mrcfile.mmap(outdir / "labels.mrc", permissive=True) as m:
             shape = m.data.shape
     else:
-        raise InputError(f"cannot tell the tomogram shape: neither the input tomogram nor {outdir / 'labels.mrc'} exists")
+        raise InputError(
+            f"cannot tell the tomogram shape: neither the input tomogram nor {outdir / 'labels.mrc'} exists"
+        )
     rejected = pd.read_csv(outdir / "rejected.csv") if (outdir / "rejected.csv").exists() else None
     session = EditSession(
-        table, shape, tomogram=None if tomo is None else tomo.data, rejected=rejected, recovery_path=recovery,
-        fitter=fitter, source_dir=outdir, origin=tomo.origin if tomo is not None else inputs.get("origin_a") or (0, 0, 0),
+        table,
+        shape,
+        tomogram=None if tomo is None else tomo.data,
+        rejected=rejected,
+        recovery_path=recovery,
+        fitter=fitter,
+        source_dir=outdir,
+        origin=tomo.origin if tomo is not None else inputs.get("origin_a") or (0, 0, 0),
         inputs=inputs,
+        # a saved review re-opened keeps its session id, so saving it again needs no force
+        session_id=manifest.get("review", {}).get("session_id") if manifest.get("kind") == "review" else None,
     )
     return session, tomo
 

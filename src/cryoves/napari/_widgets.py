@@ -33,7 +33,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from cryoves.errors import CryovesError
+from cryoves.errors import CryovesError, VoxelSizeError
 from cryoves.napari._reader import points_kwargs, robust_contrast_limits, source_colours
 from cryoves.napari._session import RECOVERY_NAME, EditSession, QueueItem, load_result
 
@@ -67,8 +67,12 @@ MOUSE_HELP = [
 ]
 RADIUS_STEP = 0.5
 _MOVES = {
-    "move_up": (0, -1, 0), "move_down": (0, 1, 0), "move_left": (0, 0, -1), "move_right": (0, 0, 1),
-    "move_zup": (1, 0, 0), "move_zdown": (-1, 0, 0),
+    "move_up": (0, -1, 0),
+    "move_down": (0, 1, 0),
+    "move_left": (0, 0, -1),
+    "move_right": (0, 0, 1),
+    "move_zup": (1, 0, 0),
+    "move_zdown": (-1, 0, 0),
 }
 
 
@@ -129,9 +133,16 @@ class VesicleEditorWidget(QWidget):
         grid = QGridLayout()
         self.buttons: dict[str, QPushButton] = {}
         for i, (name, label) in enumerate(
-            [("undo", "Undo"), ("redo", "Redo"), ("previous_item", "◀ Prev"), ("next_item", "Next ▶"),
-             ("accept_current", "Keep (K)"), ("reject_current", "Reject (R)"), ("delete_selected", "Delete (D)"),
-             ("refit_selected", "Refit (T)")]
+            [
+                ("undo", "Undo"),
+                ("redo", "Redo"),
+                ("previous_item", "◀ Prev"),
+                ("next_item", "Next ▶"),
+                ("accept_current", "Keep (K)"),
+                ("reject_current", "Reject (R)"),
+                ("delete_selected", "Delete (D)"),
+                ("refit_selected", "Refit (T)"),
+            ]
         ):
             b = QPushButton(label)
             b.clicked.connect(getattr(self, name))
@@ -200,12 +211,19 @@ class VesicleEditorWidget(QWidget):
         if image is not None:
             data, img_scale, path = image
             self.image_layer = self.viewer.add_image(
-                data, name=Path(path).stem if path else "tomogram", scale=img_scale,
-                contrast_limits=robust_contrast_limits(data), metadata={"cryoves_tomogram": str(path) if path else None},
+                data,
+                name=Path(path).stem if path else "tomogram",
+                scale=img_scale,
+                contrast_limits=robust_contrast_limits(data),
+                metadata={"cryoves_tomogram": str(path) if path else None},
             )
         else:
             self.image_layer = next(
-                (lyr for lyr in self.viewer.layers if getattr(lyr, "data", None) is session.tomogram and session.tomogram is not None),
+                (
+                    lyr
+                    for lyr in self.viewer.layers
+                    if getattr(lyr, "data", None) is session.tomogram and session.tomogram is not None
+                ),
                 None,
             )
         self.labels_layer = self.viewer.add_labels(session.labels, name="vesicles", scale=scale, opacity=0.35)
@@ -213,10 +231,16 @@ class VesicleEditorWidget(QWidget):
         self.labels_layer.editable = False
         if self.viewer.dims.ndim == 3:
             self.viewer.dims.axis_labels = ("z", "y", "x")
-        self.points_layer = self.viewer.add_points(session.table.centres, **points_kwargs(session.table, "vesicles (spheres)", scale))
+        self.points_layer = self.viewer.add_points(
+            session.table.centres, **points_kwargs(session.table, "vesicles (spheres)", scale)
+        )
         self.rejected_layer = self.viewer.add_points(
-            np.zeros((0, 3)), name="rejected candidates", scale=scale, face_color="transparent",
-            border_color="red", border_width=0.04,
+            np.zeros((0, 3)),
+            name="rejected candidates",
+            scale=scale,
+            face_color="transparent",
+            border_color="red",
+            border_width=0.04,
         )
         self._refresh_rejected()
         for layer in (self.image_layer, self.labels_layer, self.points_layer, self.rejected_layer):
@@ -505,9 +529,15 @@ class SegmentWidget(QWidget):
         self.outdir.setPlaceholderText("output folder (empty: keep in memory)")
         self.force = QCheckBox("overwrite an existing result")
         for label, w in [
-            ("tomogram", self.layer_box), ("voxel size", self.voxel_size), ("vesicle radius", self.radius),
-            ("min radius", self.min_radius), ("test-time augmentation", self.tta), ("device", self.device),
-            ("model", self.model), ("output", self.outdir), ("", self.force),
+            ("tomogram", self.layer_box),
+            ("voxel size", self.voxel_size),
+            ("vesicle radius", self.radius),
+            ("min radius", self.min_radius),
+            ("test-time augmentation", self.tta),
+            ("device", self.device),
+            ("model", self.model),
+            ("output", self.outdir),
+            ("", self.force),
         ]:
             form.addRow(label, w)
         lay = QVBoxLayout(self)
@@ -546,9 +576,14 @@ class SegmentWidget(QWidget):
         layer = self.viewer.layers[name]
         if self.voxel_size.value() > 0:
             vs = validate_voxel_size(self.voxel_size.value(), source="widget")
+        elif not layer.metadata.get("voxel_size_a") and np.allclose(layer.scale[-3:], 1.0):
+            # napari's default scale means "unknown", not 10 Å
+            raise VoxelSizeError(f"layer '{name}' has no voxel size; enter it in the voxel size field (Å)")
         else:
-            vs = validate_voxel_size(layer.metadata.get("voxel_size_a") or tuple(float(s) * 10 for s in layer.scale[-3:]),
-                                     source=f"layer '{name}' scale")
+            vs = validate_voxel_size(
+                layer.metadata.get("voxel_size_a") or tuple(float(s) * 10 for s in layer.scale[-3:]),
+                source=f"layer '{name}' scale",
+            )
         path = layer.metadata.get("cryoves_tomogram")
         return Tomogram(data=layer.data, voxel_size=vs, path=Path(path) if path else None), layer
 
@@ -591,8 +626,12 @@ class SegmentWidget(QWidget):
             # errors are returned, not raised, so they reach the status line instead of a dialog
             try:
                 return "done", segment(
-                    tomo, outdir, config, force=self.force.isChecked(),
-                    progress=self._progress.changed.emit, should_stop=self._stop.is_set,
+                    tomo,
+                    outdir,
+                    config,
+                    force=self.force.isChecked(),
+                    progress=self._progress.changed.emit,
+                    should_stop=self._stop.is_set,
                 )
             except CryovesError as exc:
                 kind = "cancelled" if type(exc).__name__ == "Cancelled" else "error"
@@ -642,14 +681,22 @@ class SegmentWidget(QWidget):
         prob = getattr(value, "probability", None)
         scale = tuple(v / 10.0 for v in tomo.voxel_size)
         if prob is not None:
-            self.viewer.add_image(prob, name="vesicle probability", scale=scale, colormap="magma", visible=False,
-                                  contrast_limits=(0.0, 1.0))
+            self.viewer.add_image(
+                prob,
+                name="vesicle probability",
+                scale=scale,
+                colormap="magma",
+                visible=False,
+                contrast_limits=(0.0, 1.0),
+            )
         editor = self.editor_widget()
         outdir = getattr(value, "outdir", None)
         if outdir is not None and Path(outdir, "vesicles.csv").exists():
             editor.open_result(outdir, recover=False, image_layer=layer)
         else:
-            session = EditSession(value.vesicles, tomo.shape, tomogram=layer.data, rejected=getattr(value, "rejected", None))
+            session = EditSession(
+                value.vesicles, tomo.shape, tomogram=layer.data, rejected=getattr(value, "rejected", None)
+            )
             editor.set_session(session)
         self._set_status(f"found {len(value.vesicles)} vesicles")
 
@@ -663,8 +710,9 @@ class SegmentWidget(QWidget):
         return self.editor
 
 
-def open_review(outdir: str | Path, *, recover: bool | None = None, viewer: napari.Viewer | None = None,
-                block: bool = True) -> tuple[napari.Viewer, VesicleEditorWidget]:
+def open_review(
+    outdir: str | Path, *, recover: bool | None = None, viewer: napari.Viewer | None = None, block: bool = True
+) -> tuple[napari.Viewer, VesicleEditorWidget]:
     """Open a napari viewer with the vesicle editor on a ``cryoves segment`` output folder.
 
     ``block`` runs the Qt event loop until the window is closed (the ``cryoves review`` command).

@@ -9,7 +9,14 @@ from cryoves.postprocess._common import REJECTED_COLUMNS, concat_rejected
 from cryoves.postprocess.adaptive import label_vesicles
 from cryoves.postprocess.masks import restrict_probability, vesicles_in_region
 from cryoves.postprocess.outliers import mahalanobis_test, repair, resolve_overlaps
-from cryoves.postprocess.spheres import FitOptions, SphereFit, fit_sphere, fit_spheres
+from cryoves.postprocess.spheres import (
+    FitOptions,
+    SphereFit,
+    fit_sphere,
+    fit_spheres,
+    initial_spheres,
+    table_from_fits,
+)
 from cryoves.postprocess.threshold import ThresholdResult, global_threshold
 
 __all__ = [
@@ -21,10 +28,12 @@ __all__ = [
     "fit_sphere",
     "fit_spheres",
     "global_threshold",
+    "initial_spheres",
     "label_vesicles",
     "mahalanobis_test",
     "repair",
     "resolve_overlaps",
     "restrict_probability",
+    "table_from_fits",
     "vesicles_in_region",
 ]

@@ -27,7 +27,15 @@ def rejected_frame(
     r = np.full(n, np.nan) if radii is None else np.asarray(list(radii), dtype=float).reshape(n)
     reasons = [reasons] * n if isinstance(reasons, str) else list(reasons)
     return pd.DataFrame(
-        {"id": ids, "z": c[:, 0], "y": c[:, 1], "x": c[:, 2], "radius": r, "step": [step] * n, "reason": reasons},
+        {
+            "id": ids,
+            "z": c[:, 0],
+            "y": c[:, 1],
+            "x": c[:, 2],
+            "radius": r,
+            "step": pd.Series([step] * n, dtype="str"),
+            "reason": pd.Series(reasons, dtype="str"),
+        },
         columns=REJECTED_COLUMNS,
     )
 

@@ -165,8 +165,9 @@ def _expand(prob, labels, threshold, min_vol, opts) -> int:
                 break
             comp = comp_lab == cid
             others = comp & (lab_box != 0) & ~obj
+            # reaching the box face (not the volume face) means the component leaks into the background
             touches_border = any(
-                comp.take(0, axis=a).any() and s.start > 0 or comp.take(-1, axis=a).any() and s.stop < labels.shape[a]
+                (comp.take(0, axis=a).any() and s.start > 0) or (comp.take(-1, axis=a).any() and s.stop < labels.shape[a])
                 for a, s in enumerate(pbox)
             )
             if others.any() or touches_border:
@@ -208,7 +209,8 @@ def label_vesicles(
     ``extent_range`` or volume below ``min_volume_fraction`` x a ball of radius ``min_radius_nm`` (nm;
     ``voxel_size_a`` in Å) are removed. The fraction (default 0.5, the original used 1) allows for the
     thresholded object being smaller than the vesicle; the exact radius rule is applied to the fitted
-    spheres (:func:`cryoves.postprocess.outliers.repair`). Returns (uint32 labels, rejected table with step ``"label"``); ids are not renumbered.
+    spheres (:func:`cryoves.postprocess.outliers.repair`). Returns (uint32 labels, rejected table with
+    step ``"label"``); ids are not renumbered.
     """
     prob = check_volume(prob, "probability map")
     vs = check_voxel_size(voxel_size_a)
@@ -247,7 +249,8 @@ def label_vesicles(
         reason = None
         if o.volume < min_vol:
             reason = (
-                f"volume {o.volume} voxels below {min_volume_fraction:g} x a {min_radius_nm:g} nm ball ({min_vol:.0f} voxels)"
+                f"volume {o.volume} voxels below {min_volume_fraction:g} x a {min_radius_nm:g} nm ball "
+                f"({min_vol:.0f} voxels)"
             )
         elif o.extent < extent_range[0]:
             reason = f"extent {o.extent:.2f} below {extent_range[0]:g} (not ball-like)"

@@ -13,7 +13,7 @@ contiguous run of candidates, accumulated with two weighted histograms and a cum
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,8 +30,9 @@ class ThresholdResult:
     """Chosen threshold and the score of every candidate (+inf where the shell is empty)."""
 
     threshold: float
-    thresholds: np.ndarray
+    #: mean raw intensity of the mask shell, one per entry of ``thresholds``
     scores: np.ndarray
+    thresholds: np.ndarray = field(default_factory=lambda: DEFAULT_THRESHOLDS.copy())
     #: True when every shell was empty and the fallback (lowest candidate) was returned.
     fallback: bool = False
 
@@ -108,7 +109,7 @@ def global_threshold(
     scores[order] = scores_sorted
     if not ok.any():
         log.warning("threshold search: every candidate gives an empty mask shell; using %.3f", float(ts[0]))
-        return ThresholdResult(float(t[order[0]]), t, scores, fallback=True)
+        return ThresholdResult(float(t[order[0]]), scores, t, fallback=True)
     best = int(np.argmin(scores))  # first minimum in the caller's order
     log.info("global threshold %.3f (shell mean intensity %.4g)", t[best], scores[best])
-    return ThresholdResult(float(t[best]), t, scores)
+    return ThresholdResult(float(t[best]), scores, t)

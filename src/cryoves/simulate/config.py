@@ -58,7 +58,7 @@ class SimulationConfig:
         shape: output grid (z, y, x) in voxels; z is the beam axis at 0° tilt.
         voxel_size_a: output voxel size in Å (5–50).
         ice_thickness_nm: thickness of the vitreous-ice slab (centred in z); None → 90 % of the
-            box height, at most 350 nm. Above and below the slab is vacuum. A slab thicker than
+            box height, at most 250 nm. Above and below the slab is vacuum. A slab thicker than
             the box makes the box a crop inside the ice (vesicles then are cut by the z faces too).
         n_vesicles: number of synaptic vesicles; None → from ``vesicle_volume_fraction``.
         vesicle_volume_fraction: SV volume / presynaptic cytosol volume when ``n_vesicles`` is None.
@@ -84,6 +84,7 @@ class SimulationConfig:
         connectors, tethers: thin filaments between neighbouring SVs and from SVs to the membrane.
         distractors: whether to add mitochondrion, endosomes, microtubules, actin and dense clumps.
         n_endosomes, mitochondrion, n_microtubules, n_actin, n_clumps: their numbers.
+        n_gold: 10 nm gold fiducials on the ice surfaces (very dense; they streak). Never ground truth.
         populations: extra vesicle populations (dense-core, large) — ground truth as well.
 
     Imaging:
@@ -144,6 +145,7 @@ class SimulationConfig:
     n_microtubules: int = 1
     n_actin: int = 6
     n_clumps: int = 4
+    n_gold: int = 0
     populations: tuple[VesiclePopulation, ...] = field(default_factory=tuple)
     # --- imaging
     tilt_min_deg: float = -60.0
@@ -157,7 +159,7 @@ class SimulationConfig:
     dose_e_per_a2: float = 100.0
     inelastic_mfp_nm: float = 350.0
     noise: bool = True
-    detector_dqe: float = 0.5
+    detector_dqe: float = 0.7
     alignment_error_nm: float = 0.5
     motion_blur_nm: float = 0.5
     radiation_damage: bool = True
@@ -226,7 +228,7 @@ class SimulationConfig:
         """Ice-slab thickness in nm actually used."""
         box = self.shape[0] * self.voxel_size_nm
         if self.ice_thickness_nm is None:
-            return min(0.9 * box, 350.0)
+            return min(0.9 * box, 250.0)
         return float(self.ice_thickness_nm)
 
     def replace(self, **overrides: Any) -> SimulationConfig:
@@ -252,8 +254,9 @@ class SimulationConfig:
     def preset(cls, name: str = "synapse", **overrides: Any) -> SimulationConfig:
         """A named preset with optional field overrides.
 
-        "synapse": 256³ at 22 Å (563 nm box, 350 nm ice), ~150–250 SVs near an active zone, all
-        distractors. "small": 64×96×96 at 22 Å with a few vesicles, for unit tests (< 3 s).
+        "synapse": 256³ at 22 Å (563 nm box, 250 nm ice), ~150–250 SVs near an active zone, all
+        distractors. "small": 64×96×96 at 22 Å inside 200 nm ice (no vacuum in the box) with a
+        few vesicles, for unit tests (< 3 s).
         "large-vesicles": synapse plus large 50–150 nm vesicles. "dense-core": synapse plus
         dense-core vesicles.
         """
@@ -268,6 +271,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "synapse": {},
     "small": {
         "shape": (64, 96, 96),
+        "ice_thickness_nm": 200.0,  # a crop inside the ice (141 nm box): no vacuum slabs
         "n_vesicles": 10,
         "n_endosomes": 1,
         "mitochondrion": False,
@@ -286,7 +290,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 def randomize_config(rng_or_seed: Any = None, shape: tuple[int, int, int] | None = None) -> SimulationConfig:
     """Draw a configuration from broad ranges (domain randomisation for training).
 
-    Voxel size 8–40 Å, defocus 2–10 µm, dose 60–180 e/Å² (DQE 0.25–0.8), tilt range ±45–±70° at 1.5–4°,
+    Voxel size 8–40 Å, defocus 2–10 µm, dose 60–180 e/Å² (DQE 0.25–0.8), tilt range ±45–±70°
+    at 1.5–4°,
     B-factor 50–1500 Å², reconstruction and post-filter, crowding 0.3–2, SV radius mean 15–28 nm
     and sd 1.5–5 nm, gaps, membrane orientation/curvature, extra populations. ``shape`` defaults
     to (128, 192, 192).
@@ -339,6 +344,7 @@ def randomize_config(rng_or_seed: Any = None, shape: tuple[int, int, int] | None
         n_microtubules=int(rng.integers(0, 3)),
         n_actin=int(rng.integers(0, 12)),
         n_clumps=int(rng.integers(0, 8)),
+        n_gold=int(rng.choice([0, 0, 1, 2, 4])),
         populations=tuple(pops),
         tilt_min_deg=tilt_min,
         tilt_max_deg=tilt_max,

@@ -288,6 +288,12 @@ def place_obstacles(cfg, rng, box, ice, membrane, cluster_centre) -> list[Obstac
                     and np.linalg.norm(c - cluster_centre) > r + 30):
                 obs.append(Obstacle("dense_clump", centres=c[None], radii=np.array([r])))
                 break
+    # fiducials sit on the top or bottom ice surface, where that surface is inside the box
+    surfaces = [s for s, inside in ((ice[0] + 5.0, ice[0] > 0), (ice[1] - 5.0, ice[1] < box[0])) if inside]
+    for _ in range(cfg.n_gold if surfaces else 0):
+        c = np.array([surfaces[int(rng.integers(len(surfaces)))], rng.uniform(0, box[1]), rng.uniform(0, box[2])])
+        if free(c, 5.0):
+            obs.append(Obstacle("gold", centres=c[None], radii=np.array([5.0])))
     for kind, n, radius in (("microtubule", cfg.n_microtubules, 12.5), ("actin", cfg.n_actin, 3.5)):
         if ice_h < 2 * radius + 10:  # too thin for this filament
             continue
@@ -344,7 +350,8 @@ def layout_scene(cfg: SimulationConfig, rng: np.random.Generator) -> Layout:
         cluster_centre = membrane.point(membrane.az_w_nm, membrane.az_z_nm, -min(cfg.cluster_distance_nm, 0.3 * box[2]))
         cluster_centre = np.asarray(cluster_centre, dtype=float).reshape(3)
     else:
-        cluster_centre = np.array([0.5 * (ice[0] + ice[1]), rng.uniform(0.3, 0.7) * box[1], rng.uniform(0.3, 0.7) * box[2]])
+        cluster_centre = np.array(
+            [0.5 * (ice[0] + ice[1]), rng.uniform(0.3, 0.7) * box[1], rng.uniform(0.3, 0.7) * box[2]])
     # the part of the ice inside the box: where things are sampled (a thick slab is cropped)
     ice_in = (max(ice[0], 0.0), min(ice[1], box[0]))
     obstacles = place_obstacles(cfg, rng, box, ice_in, membrane, cluster_centre)
@@ -363,7 +370,8 @@ def layout_scene(cfg: SimulationConfig, rng: np.random.Generator) -> Layout:
         if pop.name == "sv":
             radii = _sv_radii(cfg, rng, n)
         else:
-            radii = np.clip(rng.normal(pop.radius_mean_nm, pop.radius_sd_nm, n), 2 * pop.membrane_thickness_nm + 2, None)
+            radii = rng.normal(pop.radius_mean_nm, pop.radius_sd_nm, n)
+            radii = np.clip(radii, 2 * pop.membrane_thickness_nm + 2, None)
         placed = 0
         for r in radii:
             if _place_one(placer, cfg, rng, membrane, cluster_centre, box, ice, r, pop.clustered):

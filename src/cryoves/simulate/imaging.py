@@ -188,7 +188,9 @@ def post_filter(vol: np.ndarray, cfg: SimulationConfig) -> np.ndarray:
     return vol
 
 
-def anisotropic_diffusion(vol: np.ndarray, iterations: int, kappa_quantile: float = 0.9, dt: float = 0.14) -> np.ndarray:
+def anisotropic_diffusion(
+    vol: np.ndarray, iterations: int, kappa_quantile: float = 0.9, dt: float = 0.14
+) -> np.ndarray:
     """Perona–Malik diffusion (exponential conductance), κ from the gradient-magnitude quantile."""
     u = vol.astype(np.float32).copy()
     kappa = None

@@ -105,7 +105,78 @@ def make_comparison(real_path: str | Path, out_path: str | Path, seed: int = 3) 
     )
 
 
-if __name__ == "__main__":  # python -m cryoves.simulate.realism REAL.tif OUT.png
+def make_gallery(out_path: str | Path, shape: tuple[int, int, int] = (96, 192, 192)) -> Path:
+    """XY slices of the dense-core and large-vesicle presets and two randomised volumes, with labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cryoves.simulate import SimulationConfig, randomize_config, simulate
+
+    items = [("preset dense-core", SimulationConfig.preset("dense-core", shape=shape)),
+             ("preset large-vesicles", SimulationConfig.preset("large-vesicles", shape=shape)),
+             ("randomize seed 1", randomize_config(1, shape=shape)),
+             ("randomize seed 4", randomize_config(4, shape=shape))]
+    fig, ax = plt.subplots(2, len(items), figsize=(4.5 * len(items), 9))
+    for i, (title, cfg) in enumerate(items):
+        sim = simulate(cfg, seed=i)
+        vol = sim.tomogram.data
+        z = int(np.median(sim.vesicles.df["z"])) if len(sim.vesicles) else vol.shape[0] // 2
+        img = vol[max(z - 1, 0) : z + 2].mean(0)
+        lo, hi = np.percentile(img, [1, 99])
+        ax[0, i].imshow(img, cmap="gray", vmin=lo, vmax=hi)
+        ax[0, i].set_title(f"{title}: XY z={z}\n{cfg.voxel_size_a:.1f} Å, defocus {cfg.defocus_um:.1f} µm, "
+                           f"{cfg.reconstruction}/{cfg.post_filter}", fontsize=9)
+        ax[1, i].imshow(sim.labels[z] > 0, cmap="gray")
+        ax[1, i].set_title(f"ground-truth labels ({len(sim.vesicles)} vesicles)", fontsize=9)
+        for a in ax[:, i]:
+            a.axis("off")
+    fig.tight_layout()
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, dpi=55, format="png")
+    plt.close(fig)
+    return Path(out_path)
+
+
+def make_wedge_figure(out_path: str | Path, seed: int = 4) -> Path:
+    """XY/XZ/YZ through the largest whole vesicle: noise-free scene, noise-free and noisy tomogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cryoves.simulate import SimulationConfig, simulate
+
+    cfg = SimulationConfig.preset("synapse", shape=(96, 160, 160))
+    sims = [simulate(cfg, seed=seed), simulate(cfg.replace(noise=False), seed=seed)]
+    t = sims[0].vesicles
+    ok = np.all((t.centres - t.radii[:, None] - 6 >= 0) & (t.centres + t.radii[:, None] + 6 <= np.array(cfg.shape) - 1), 1)
+    k = int(np.argmax(np.where(ok, t.radii, -1)))
+    c, r = np.rint(t.centres[k]).astype(int), int(t.radii[k]) + 8
+    rows = [("noise-free scene", sims[0].scene), ("noise-free tomogram", sims[1].tomogram.data),
+            ("tomogram", sims[0].tomogram.data)]
+    fig, ax = plt.subplots(len(rows), 3, figsize=(11, 3.6 * len(rows)))
+    for i, (name, vol) in enumerate(rows):
+        cuts = [vol[c[0], c[1] - r : c[1] + r, c[2] - r : c[2] + r], vol[c[0] - r : c[0] + r, c[1], c[2] - r : c[2] + r],
+                vol[c[0] - r : c[0] + r, c[1] - r : c[1] + r, c[2]]]
+        for j, (img, lab) in enumerate(zip(cuts, ("XY", "XZ (z down)", "YZ (z down; y = tilt axis)"))):
+            lo, hi = np.percentile(img, [1, 99])
+            ax[i, j].imshow(img, cmap="gray", vmin=lo, vmax=hi)
+            ax[i, j].set_title(f"{name}: {lab}", fontsize=9)
+            ax[i, j].axis("off")
+    fig.suptitle(f"One vesicle (outer radius {t.df['radius_nm'][k]:.1f} nm), 22 Å, ±60°: caps fade along z")
+    fig.tight_layout()
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, dpi=60, format="png")
+    plt.close(fig)
+    return Path(out_path)
+
+
+if __name__ == "__main__":  # python -m cryoves.simulate.realism REAL.tif DOCS_DIR
     import sys
 
-    make_comparison(sys.argv[1], sys.argv[2])
+    docs = Path(sys.argv[2])
+    make_comparison(sys.argv[1], docs / "simulated_vs_real.png")
+    make_gallery(docs / "sim_presets.png")
+    make_wedge_figure(docs / "sim_missing_wedge.png")

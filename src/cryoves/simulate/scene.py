@@ -225,6 +225,9 @@ def _render_obstacle(ob: Obstacle, pot, exclusion, splats, rng, v, shape) -> Non
         _filament_points(ob, splats, rng)
         return
     cen, rad = ob.bounding_sphere()
+    if ob.kind == "gold":
+        splats.add(ob.centres, GOLD_V, sigma_nm=2.5)
+        return
     if ob.kind == "dense_clump":
         n = int(rng.integers(15, 40))
         pts = cen + rng.normal(0, 0.45 * rad, (n, 3))
@@ -287,7 +290,8 @@ def _filament_points(ob: Obstacle, splats, rng) -> None:
         angles = 2 * np.pi * np.arange(13) / 13
         phase = (s / step * 2 * np.pi * 3 / 13)[:, None] / 13
         a = angles[None, :] + phase
-        pts = axis_pts[:, None, :] + 11.0 * (np.cos(a)[..., None] * e1[:, None, :] + np.sin(a)[..., None] * e2[:, None, :])
+        ring = np.cos(a)[..., None] * e1[:, None, :] + np.sin(a)[..., None] * e2[:, None, :]
+        pts = axis_pts[:, None, :] + 11.0 * ring
         splats.add(pts.reshape(-1, 3), 0.6 * PROTEIN_V, sigma_nm=1.8)
     else:
         a = s / 2.75 * np.radians(166.0)
@@ -326,6 +330,9 @@ def _add_active_zone_material(cfg, lay, splats, rng, v) -> None:
     d = -(mem.thickness_nm / 2 + rng.exponential(7.0, n))
     pts = np.asarray(mem.point(w, zr, d)).reshape(-1, 3)
     splats.add(pts, rng.uniform(0.4, 1.0, n) * PROTEIN_V, sigma_nm=2.0)
+
+
+GOLD_V = 30.0  # gold's mean inner potential is far above protein's
 
 
 def _add_connectors(cfg, lay, splats, rng) -> None:

@@ -189,19 +189,21 @@ def predict_volume(net: torch.nn.Module, image: np.ndarray, device: torch.device
         net.train(was_training)
 
 
-def detect_vesicles(prob: np.ndarray, image: np.ndarray, voxel_size_a: float, min_radius_nm: float = 12.0):
+def detect_vesicles(prob: np.ndarray, image: np.ndarray, voxel_size_a: float, min_radius_nm: float = 12.0,
+                    table_voxel_size_a: float | None = None):
     """Post-process a model-grid probability map into spheres (equal-volume radius at the centroid).
 
     Uses the project's global threshold (darkest mask shell) and adaptive labelling
     (:mod:`cryoves.postprocess`) on the normalised image; sphere fitting is left out to keep
-    validation fast.
+    validation fast. ``voxel_size_a`` sets the minimum size (``min_radius_nm``); the table gets
+    ``table_voxel_size_a`` (default the same), e.g. the ground truth's when a size hint rescaled it.
     """
     from cryoves.postprocess.adaptive import label_vesicles
     from cryoves.postprocess.threshold import global_threshold
 
     th = global_threshold(prob, image).threshold
     labels, _ = label_vesicles(prob, float(th), voxel_size_a, min_radius_nm=min_radius_nm)
-    return _components_to_table(labels, voxel_size_a)
+    return _components_to_table(labels, table_voxel_size_a or voxel_size_a)
 
 
 def validate(net: torch.nn.Module, volumes: list[TrainingVolume], device: torch.device, bf16: bool,
@@ -223,9 +225,10 @@ def validate(net: torch.nn.Module, volumes: list[TrainingVolume], device: torch.
         bce = F.binary_cross_entropy(p, torch.from_numpy(t.astype(np.float32)), reduction="none")
         row["loss"] = float(bce[torch.from_numpy(w)].mean())
         if vol.vesicles is not None:
-            pred = detect_vesicles(prob * w, vol.image, model_voxel_size_a)
-            gt = vol.vesicles.with_df(vol.vesicles.df)
-            m = evaluate(pred, gt).metrics
+            # both tables in the same voxels: the GT grid may be a size-hint rescaled one
+            pred = detect_vesicles(prob * w, vol.image, model_voxel_size_a,
+                                   table_voxel_size_a=vol.vesicles.voxel_size)
+            m = evaluate(pred, vol.vesicles).metrics
             row.update(f1=m["f1_centre"], precision=m["precision_centre"], recall=m["recall_centre"])
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -365,6 +368,18 @@ def _plot_history(history: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _import_everything_now() -> None:
+    """Import the modules used later in the run up front, so that a long run does not fail hours
+    in on an import (e.g. the package was upgraded or edited while it was running)."""
+    import matplotlib.pyplot  # noqa: F401
+
+    import cryoves.evaluate  # noqa: F401
+    import cryoves.postprocess.adaptive  # noqa: F401
+    import cryoves.postprocess.threshold  # noqa: F401
+    import cryoves.predict  # noqa: F401
+    import cryoves.simulate  # noqa: F401
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True) -> TrainResult:
     """Train (or fine-tune, with ``cfg.init``) a U-Net; see the module docstring for the outputs.
 
@@ -375,6 +390,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     from tqdm.auto import tqdm
 
     cfg = TrainConfig.from_dict(cfg.to_dict())  # private copy (fine-tuning adjusts fields)
+    _import_everything_now()
     outdir = Path(cfg.output)
     ckdir = outdir / "checkpoints"
     last_path = ckdir / LAST
@@ -490,6 +506,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
             stop_early = cfg.time_limit_min is not None and elapsed_min >= cfg.time_limit_min
             is_last = step >= o.steps or stop_early
             if step % cfg.val_every == 0 or is_last:
+                checkpoint(step)  # before validation, so a failure there loses no training
                 last_metrics = validate(net, val, device, bf16, cfg.voxel_size_a)
                 log_row(step, last_metrics)
                 score = last_metrics.get(cfg.val_metric, last_metrics["dice"])

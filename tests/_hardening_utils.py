@@ -390,6 +390,14 @@ def _tablevs(d: Path) -> Setup:
     return Setup({"src": p, "pred": p, "gt": good_table(d)})
 
 
+@case("table_bad_values", "convert evaluate", r"bad\.csv: vesicle table has radius <= 0; fix or drop those rows")
+def _tablebad(d: Path) -> Setup:
+    """A vesicle CSV with a negative radius."""
+    p = good_table(d, "bad.csv")
+    p.write_text(p.read_text().replace(",4.0000,22.0000,44.0000,44.0000,8.8000", ",-4.0000,22.0000,44.0000,44.0000,-8.8000"))
+    return Setup({"src": p, "pred": p, "gt": good_table(d)})
+
+
 @case("star_garbage", "convert evaluate", r"garbage\.star (is not a readable STAR file|has no data block)")
 def _stargarbage(d: Path) -> Setup:
     """A .star file of random bytes."""

@@ -176,3 +176,36 @@ def test_mutation_fuzzer_bounded_run(tmp_path):
     for target in mod.TARGETS:
         n, crashes = mod.run_mutate(target, 3.0, tmp_path, seed=1)
         assert n > 20 and crashes == 0, (target, n, crashes)
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    # found by bench/fuzz_long.py: a duplicated loop column made pandas raise ValueError
+    ("data_vesicles\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n_rlnCoordinateZ #3\n_cryovesRadius #4\n"
+     "_cryovesRadius #5\n4 3 2 2 2\n", "lists the column cryovesRadius twice"),
+    ("data_optics\n\n_rlnImagePixelSize abc\n\ndata_vesicles\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n"
+     "_rlnCoordinateZ #3\n_cryovesRadius #4\n4 3 2 2\n", "rlnImagePixelSize 'abc' is not a number"),
+])
+def test_star_fuzz_regressions(tmp_path, text, match):
+    from cryoves.errors import FormatError, VoxelSizeError
+    from cryoves.io.tables import read_vesicles
+
+    p = tmp_path / "t.star"
+    p.write_text(text)
+    with pytest.raises((FormatError, VoxelSizeError), match=match):
+        read_vesicles(p)
+
+
+def test_mrc_fuzz_regression_volume_stack_with_mz_zero(tmp_path):
+    """Found by atheris: no 'MAP ' id (permissive fallback) + ISPG 401 (volume stack) + MZ 0 made
+    mrcfile raise ZeroDivisionError, reported as an internal error."""
+    from cryoves.errors import FormatError
+    from cryoves.io import read_mrc
+
+    raw = bytearray(valid_mrc_bytes(np.float32))
+    raw[208:212] = b"\0\0\0\0"  # MAP id
+    raw[4 * 22 : 4 * 22 + 4] = struct.pack("<i", 401)  # ISPG: volume stack
+    raw[4 * 9 : 4 * 9 + 4] = struct.pack("<i", 0)  # MZ
+    p = tmp_path / "stack.mrc"
+    p.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match="not a valid MRC file"):
+        read_mrc(p)

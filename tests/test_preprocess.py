@@ -125,9 +125,14 @@ def test_detect_polarity_on_synthetic_both_ways(seed, noise):
     assert label == "dense_bright" and score_inv == pytest.approx(-score)
 
 
-def test_detect_polarity_on_simulated_tomogram():
+@pytest.mark.parametrize("ice_nm", [None, 60.0, 110.0])
+def test_detect_polarity_on_simulated_tomogram(ice_nm):
+    """Also with vacuum slabs above/below thin ice (141 nm box), which fooled an unfiltered skewness."""
     simulate = pytest.importorskip("cryoves.simulate")
-    sim = simulate.simulate(simulate.SimulationConfig.preset("small"), seed=0)
+    cfg = simulate.SimulationConfig.preset("small")
+    if ice_nm is not None:
+        cfg = cfg.replace(ice_thickness_nm=ice_nm)
+    sim = simulate.simulate(cfg, seed=0)
     data = np.asarray(sim.tomogram.data, dtype=np.float32)
     f = sim.tomogram.voxel_size_a / 22.0
     data = resample(data, f)

@@ -294,7 +294,9 @@ def predict_blockwise(
     tiles; default: about ``BLOCKS_PER_WORKER`` blocks per worker of ``client``. ``out``: ``.zarr`` (zarr array), ``.npy`` or ``.mrc`` written atomically and returned
     opened read-only; None keeps the map in memory. ``scratch``: folder for the normalised input
     and the model-grid map (memory maps; on a multi-node cluster it must be on a filesystem every
-    worker sees; default: beside ``out``, else the system temporary folder). Returns a
+    worker sees; default: beside ``out``, else the system temporary folder). ``device`` and
+    ``precision`` are resolved on the client, because the tile plan depends on them (so name a
+    GPU only when the client sees one too). Returns a
     :class:`cryoves.predict.PredictionResult` (probabilities on the tomogram grid, (z, y, x)).
     """
     from cryoves.io.atomic import check_file_output
@@ -480,7 +482,9 @@ def fit_spheres_blockwise(
         hi = np.clip(cs.max(axis=0) + h + 1, 0, shape)
         window = np.ascontiguousarray(intensity[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))])
         jobs = [(k, *items[k][1:]) for k in ks]
-        futures.append(client.submit(_fit_block, window, tuple(lo), tuple(shape), jobs, opts, pure=False,
+        # scattered, not embedded in the task graph (large graphs are slow to send)
+        [window_ref] = client.scatter([window], hash=False)
+        futures.append(client.submit(_fit_block, window_ref, tuple(lo), tuple(shape), jobs, opts, pure=False,
                                      key=f"fit-block-{len(futures)}-{time.time_ns()}"))
     results: dict[int, tuple[str, Any]] = {}
     _collect_fits(futures, results, progress)

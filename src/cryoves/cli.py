@@ -95,7 +95,31 @@ def _root(
 ) -> None:
     _STATE["debug"] = debug
     level = logging.WARNING if quiet else (logging.INFO if verbose <= 1 else logging.DEBUG)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    _configure_logging(level)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (test runners swap and close it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _configure_logging(level: int) -> None:
+    """Log cryoves messages to stderr at ``level``; other libraries keep their own settings."""
+    logger = logging.getLogger("cryoves")
+    for h in list(logger.handlers):
+        if isinstance(h, _StderrHandler):
+            logger.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
 
 
 # Commands are grouped by pipeline stage below; each is a thin wrapper over a library function.

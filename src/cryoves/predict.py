@@ -11,7 +11,7 @@ voxels leave seams with |Δp| up to 0.03). The decoder computes only the kept bl
 
 Memory: the output is written block by block into ``out`` (may be a ``np.memmap``). Peak
 resident memory of :func:`predict_array` ≈ runtime (~0.45 GiB) + batch · T³ · B_act bytes for
-tiles of side T (B_act ≈ 170 fp32 / 140 bf16, measured; T = 152 by default in fp32 → 0.56 GiB)
+tiles of side T (B_act ≈ 170 fp32 / 160 bf16, measured; T = 156 by default → ≈ 0.6 GiB)
 + the input and output arrays if they are in memory (2 × 4 bytes per model-grid voxel; 0 for
 memory maps).
 """
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 24
 #: Peak bytes per tile voxel during one forward pass (measured on CPU, batch 1, tile 152,
 #: CryoVesNet U-Net: the encoder's two 16-channel level-0 tensors dominate).
-BYTES_PER_TILE_VOXEL = {"fp32": 170, "bf16": 140, "fp16": 140}
+BYTES_PER_TILE_VOXEL = {"fp32": 170, "bf16": 160, "fp16": 160}
 #: Default activation-memory budget for choosing the tile size automatically (bytes).
 DEFAULT_TILE_BUDGET = 640 * 2**20
 MIN_TILE = 48
@@ -154,7 +154,7 @@ def available_memory(device: torch.device) -> int:
 
 def estimate_tile_memory(tile: int, batch_size: int, precision: str) -> int:
     """Approximate peak activation bytes of one batched forward pass of tiles of side ``tile``."""
-    return int(batch_size * tile**3 * BYTES_PER_TILE_VOXEL.get(precision, 150))
+    return int(batch_size * tile**3 * BYTES_PER_TILE_VOXEL.get(precision, 170))
 
 
 def plan_tiles_memory(
@@ -191,7 +191,7 @@ def plan_tiles_memory(
 
 def choose_tile(budget: int, precision: str, divisor: int = 4) -> int:
     """Largest tile side (multiple of ``divisor``, 48…256) whose activations fit ``budget`` bytes."""
-    t = int((budget / BYTES_PER_TILE_VOXEL.get(precision, 150)) ** (1 / 3))
+    t = int((budget / BYTES_PER_TILE_VOXEL.get(precision, 170)) ** (1 / 3))
     t = max(MIN_TILE, min(MAX_TILE, t - t % divisor))
     return t
 

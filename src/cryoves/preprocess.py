@@ -239,12 +239,17 @@ def normalise(
 POLARITY_MIN_CONFIDENCE = 0.02
 
 
-def detect_polarity(volume: Any, sigma: float = 2.0, max_side: int = 128) -> tuple[str, float]:
+def detect_polarity(
+    volume: Any, sigma: float = 2.0, max_side: int = 128, background_sigma: float = 8.0
+) -> tuple[str, float]:
     """Guess whether dense material (membranes, protein) is dark or bright.
 
     Method: dense matter is a minority of the voxels in a sea of ice/cytosol, so the intensity
-    histogram of the low-passed volume (Gaussian ``sigma`` voxels; ~4 nm on the 22 Å model grid,
-    which removes the symmetric noise) has its long tail on the dense side. The robust
+    histogram of the band-passed volume has its long tail on the dense side. The band pass
+    (Gaussian ``sigma`` voxels, ~4 nm on the 22 Å model grid, which removes the symmetric noise,
+    minus Gaussian ``background_sigma``) removes slow intensity changes: without it, vacuum slabs
+    above and below a thin ice layer (a bright minority) flip the sign — measured on simulated
+    tomograms with 60–110 nm ice in a 141 nm box. The robust
     (quantile) skewness ``(q99 + q1 − 2·q50) / (q99 − q1)`` is negative for dense = dark. The
     returned score is its negation: > 0 means ``"dense_dark"``, < 0 ``"dense_bright"``; its
     magnitude is the confidence (|score| < 0.02 is logged as ambiguous and read as dense = dark).
@@ -254,6 +259,7 @@ def detect_polarity(volume: Any, sigma: float = 2.0, max_side: int = 128) -> tup
     sl = tuple(slice(max(0, (s - max_side) // 2), max(0, (s - max_side) // 2) + min(s, max_side)) for s in shape)
     crop = np.asarray(volume[sl], dtype=np.float32)
     g = ndimage.gaussian_filter(crop, sigma, mode="nearest")
+    g -= ndimage.gaussian_filter(crop, background_sigma, mode="nearest")
     q1, q50, q99 = np.percentile(g, [1.0, 50.0, 99.0])
     spread = float(q99 - q1)
     if not spread > 0:

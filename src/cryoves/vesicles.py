@@ -75,7 +75,7 @@ class VesicleTable:
         df = df.copy()
         missing = [c for c in ("z", "y", "x", "radius") if c not in df.columns]
         if missing:
-            raise FormatError(f"vesicle table lacks column(s) {', '.join(missing)}")
+            raise FormatError(f"vesicle table lacks column(s) {', '.join(missing)}; add them (see docs/formats.md)")
         if "id" not in df.columns:
             df.insert(0, "id", np.arange(1, len(df) + 1))
         for c in ("z", "y", "x", "radius"):
@@ -83,26 +83,26 @@ class VesicleTable:
         try:
             df["id"] = df["id"].astype(np.int64)
         except (ValueError, TypeError) as exc:
-            raise FormatError(f"vesicle ids must be integers: {exc}") from exc
+            raise FormatError(f"vesicle ids must be integers: {exc}; fix the id column or drop it") from exc
         for c, kind in QC_COLUMNS.items():
             if c in df.columns and kind is float:
                 num = pd.to_numeric(df[c], errors="coerce")
                 if (num.isna() & df[c].notna()).any():
                     bad = df.loc[num.isna() & df[c].notna(), c].iloc[0]
-                    raise FormatError(f"vesicle table column {c} holds a non-numeric value {bad!r}")
+                    raise FormatError(f"vesicle table column {c} holds a non-numeric value {bad!r}; fix or drop that column")
                 df[c] = num.astype(float)
             elif c in df.columns:
                 df[c] = df[c].fillna("").astype(str)
         vals = df[["z", "y", "x", "radius"]].to_numpy()
         if len(df) and not np.isfinite(vals).all():
-            raise FormatError("vesicle table has missing or non-numeric centre/radius values")
+            raise FormatError("vesicle table has missing or non-numeric centre/radius values; fix or drop those rows")
         if len(df) and (df["radius"] <= 0).any():
-            raise FormatError("vesicle table has radius <= 0")
+            raise FormatError("vesicle table has radius <= 0; fix or drop those rows")
         if df["id"].duplicated().any():
             dup = df.loc[df["id"].duplicated(), "id"].iloc[0]
-            raise FormatError(f"vesicle table has duplicate id {dup}")
+            raise FormatError(f"vesicle table has duplicate id {dup}; give every vesicle its own id")
         if len(df) and (df["id"] <= 0).any():
-            raise FormatError("vesicle ids must be positive (0 is background)")
+            raise FormatError("vesicle ids must be positive (0 is background); renumber from 1")
         nm = self.voxel_size / 10.0
         for c in ("z", "y", "x", "radius"):
             df[f"{c}_nm"] = df[c] * nm
@@ -170,7 +170,10 @@ class VesicleTable:
             raise FormatError(f"{path} is not a readable vesicle CSV: {exc}") from exc
         if voxel_size is None:
             voxel_size = _voxel_size_from_nm_columns(df, path)
-        return cls(df, voxel_size)
+        try:
+            return cls(df, voxel_size)
+        except FormatError as exc:
+            raise FormatError(f"{path}: {exc}") from exc
 
 
 def _voxel_size_from_nm_columns(df: pd.DataFrame, path: Path) -> float:

@@ -58,7 +58,8 @@ def read_mrc(path: str | Path, voxel_size: Any = None, *, mmap: bool = True, val
                 mrc = opener(path, mode="r", permissive=True)
                 notes.append("header lacks the 'MAP ' id string (old or non-standard writer)")
         notes.extend(str(w.message) for w in caught)
-    except (ValueError, OSError, EOFError) as exc:
+    # mrcfile trips on some corrupt headers with other errors (e.g. ZeroDivisionError for MZ = 0)
+    except (ValueError, OSError, EOFError, ArithmeticError, IndexError, TypeError) as exc:
         raise FormatError(f"{path} is not a valid MRC file: {exc}; check the file or convert it to MRC2014") from exc
     data = mrc.data
     if data is None:

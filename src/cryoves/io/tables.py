@@ -70,6 +70,9 @@ def read_star(path: str | Path, voxel_size: float | None = None) -> VesicleTable
     particles = next((b for b in frames if all(c in b.columns for c in _STAR_COORDS)), None)
     if particles is None:
         raise FormatError(f"{path} has no data block with rlnCoordinateX/Y/Z columns; export the vesicles with coordinates and radii")
+    dup = particles.columns[particles.columns.duplicated()]
+    if len(dup):
+        raise FormatError(f"{path} lists the column {dup[0]} twice; remove the duplicate from the STAR header")
     rcol = next((c for c in _STAR_RADIUS if c in particles.columns), None)
     if rcol is None:
         raise FormatError(f"{path} has no radius column ({' or '.join(_STAR_RADIUS)}); cannot make spheres")
@@ -103,7 +106,12 @@ def _star_pixel_size(particles: pd.DataFrame, frames: list, blocks: Any, path: P
                     return float(values[0])
     for block in blocks.values():
         if isinstance(block, dict) and "rlnImagePixelSize" in block:
-            return float(block["rlnImagePixelSize"])
+            try:
+                return float(block["rlnImagePixelSize"])
+            except (TypeError, ValueError):
+                raise VoxelSizeError(
+                    f"{path}: rlnImagePixelSize {block['rlnImagePixelSize']!r} is not a number; pass --voxel-size ANGSTROM"
+                ) from None
     raise VoxelSizeError(f"{path} has no pixel size (rlnImagePixelSize); pass --voxel-size ANGSTROM")
 
 

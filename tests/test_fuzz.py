@@ -43,7 +43,7 @@ _field_edit = st.one_of(
 )
 
 
-@settings(SETTINGS, max_examples=250)
+@settings(SETTINGS, max_examples=1000)
 @given(seed=st.sampled_from(sorted(_SEEDS, key=str)), edits=st.lists(_field_edit, min_size=1, max_size=4),
        cut=st.one_of(st.none(), st.integers(0, 2000)), extra=st.binary(max_size=64), big=st.booleans())
 def test_fuzz_mrc_header_fields(seed, edits, cut, extra, big):
@@ -62,7 +62,7 @@ def test_fuzz_mrc_header_fields(seed, edits, cut, extra, big):
     fuzz_mrc(data)
 
 
-@settings(SETTINGS, max_examples=100)
+@settings(SETTINGS, max_examples=300)
 @given(st.binary(max_size=3000))
 def test_fuzz_mrc_random_bytes(data):
     fuzz_mrc(data)
@@ -95,7 +95,7 @@ def imod_models(draw):
                      units=draw(st.sampled_from([0, -9, -10, 1, 3, 99])))
 
 
-@settings(SETTINGS, max_examples=200)
+@settings(SETTINGS, max_examples=500)
 @given(model=imod_models(), pos=st.integers(0, 10**6), patch=st.binary(max_size=6), cut=st.integers(0, 10**6))
 def test_fuzz_imod_models_through_consumers(model, pos, patch, cut):
     from cryoves.errors import CryovesError
@@ -119,7 +119,7 @@ _cell = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5
 _CSV_COLUMNS = ["id", "z", "y", "x", "radius", "z_nm", "y_nm", "x_nm", "radius_nm", "source", "extra"]
 
 
-@settings(SETTINGS, max_examples=150)
+@settings(SETTINGS, max_examples=400)
 @given(cols=st.lists(st.sampled_from(_CSV_COLUMNS), min_size=0, max_size=8),
        rows=st.lists(st.lists(_cell, min_size=8, max_size=8), max_size=5))
 def test_fuzz_csv_tables(cols, rows):
@@ -131,7 +131,7 @@ _STAR_COLUMNS = ["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ", "cryovesR
                  "cryovesId", "rlnImagePixelSize", "rlnDetectorPixelSize", "cryoves_source", "rlnMagnification"]
 
 
-@settings(SETTINGS, max_examples=150)
+@settings(SETTINGS, max_examples=400)
 @given(blocks=st.lists(st.tuples(st.sampled_from(["vesicles", "optics", "particles", ""]),
                                  st.lists(st.sampled_from(_STAR_COLUMNS), max_size=7, unique=True),
                                  st.lists(st.lists(_cell, min_size=7, max_size=7), max_size=4),
@@ -149,7 +149,7 @@ def test_fuzz_star_tables(blocks):
     fuzz_table("".join(text).encode())
 
 
-@settings(SETTINGS, max_examples=100)
+@settings(SETTINGS, max_examples=300)
 @given(st.binary(max_size=800))
 def test_fuzz_tables_random_bytes(data):
     fuzz_table(data)

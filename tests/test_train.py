@@ -311,3 +311,17 @@ def test_validation_f1_compares_tables_on_the_same_grid():
 
     m = validate(Oracle(), [vol], torch.device("cpu"), False, model_voxel_size_a=22.0)
     assert m["f1"] == 1.0 and m["dice"] == 1.0
+
+
+def test_thread_count_follows_the_machine_load(monkeypatch):
+    from cryoves.train.loop import adapt_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "cpu_count", lambda: 2)
+        monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+        assert adapt_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+        assert adapt_threads() == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -17,7 +17,7 @@ import numpy as np
 
 from cryoves.errors import FormatError, InputError
 from cryoves.io.atomic import atomic_path
-from cryoves.io.tomogram import Tomogram, validate_volume, validate_voxel_size
+from cryoves.io.tomogram import Tomogram, resolve_voxel_size, validate_volume
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +76,7 @@ def read_mrc(path: str | Path, voxel_size: Any = None, *, mmap: bool = True, val
         notes.append(msg)
     header_vs = (float(mrc.voxel_size.z), float(mrc.voxel_size.y), float(mrc.voxel_size.x))
     origin = (float(header.origin.z), float(header.origin.y), float(header.origin.x))
-    if voxel_size is not None:
-        vs = validate_voxel_size(voxel_size, source="--voxel-size option")
-        notes.append(f"header voxel size (z, y, x) {header_vs} Å overridden by {vs} Å")
-    elif validate:
-        vs = validate_voxel_size(header_vs, source=f"header of {path.name}")
-    else:
-        vs = header_vs
+    vs = resolve_voxel_size(voxel_size, header_vs, where=f"header of {path.name}", validate=validate, notes=notes)
     if validate:
         validate_volume(data, source=str(path))
     return Tomogram(data=data, voxel_size=vs, origin=origin, path=path, header_notes=notes)

@@ -18,7 +18,7 @@ import tifffile
 
 from cryoves.errors import FormatError, InputError, VoxelSizeError
 from cryoves.io.atomic import atomic_path
-from cryoves.io.tomogram import Tomogram, validate_volume, validate_voxel_size
+from cryoves.io.tomogram import Tomogram, resolve_voxel_size, validate_volume
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +75,7 @@ def read_tiff(path: str | Path, voxel_size: Any = None, *, validate: bool = True
         if validate:
             raise InputError(msg)
         notes.append(msg)
-    if voxel_size is not None:
-        vs = validate_voxel_size(voxel_size, source="--voxel-size option")
-        if header_vs is not None:
-            notes.append(f"metadata voxel size (z, y, x) {header_vs} Å overridden by {vs} Å")
-    elif header_vs is None:
-        if validate:
-            raise VoxelSizeError(f"{path} has no voxel size in its TIFF metadata; pass --voxel-size ANGSTROM")
-        notes.append("no voxel size in the TIFF metadata")
-        vs = (float("nan"),) * 3
-    elif validate:
-        vs = validate_voxel_size(header_vs, source=f"metadata of {path.name}")
-    else:
-        vs = header_vs
+    vs = resolve_voxel_size(voxel_size, header_vs, where=f"TIFF metadata of {path.name}", validate=validate, notes=notes)
     if validate:
         validate_volume(data, source=str(path))
     return Tomogram(data=data, voxel_size=vs, origin=(0.0, 0.0, 0.0), path=path, header_notes=notes)

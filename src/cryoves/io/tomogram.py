@@ -74,6 +74,32 @@ def validate_voxel_size(voxel_size: Any, source: str = "header") -> tuple[float,
     return vz, vy, vx
 
 
+def resolve_voxel_size(
+    override: Any,
+    stored: tuple[float, float, float] | None,
+    *,
+    where: str,
+    validate: bool,
+    notes: list[str],
+) -> tuple[float, float, float]:
+    """The voxel size a reader uses: the ``--voxel-size`` override, else the stored one (validated).
+
+    ``where`` names the stored value ("header of tomo.mrc"); a missing stored value is an error
+    when validating and NaN otherwise (report-only reads such as ``cryoves info``).
+    """
+    if override is not None:
+        vs = validate_voxel_size(override, source="--voxel-size option")
+        if stored is not None:
+            notes.append(f"{where.split(' of ')[0]} voxel size (z, y, x) {stored} Å overridden by {vs} Å")
+        return vs
+    if stored is None:
+        if validate:
+            raise VoxelSizeError(f"no voxel size in the {where}; pass --voxel-size ANGSTROM")
+        notes.append(f"no voxel size in the {where}")
+        return (float("nan"),) * 3
+    return validate_voxel_size(stored, source=where) if validate else stored
+
+
 def validate_volume(data: Any, source: str = "volume", check_finite: bool = True) -> None:
     """Raise :class:`InputError` for arrays that cannot be a tomogram (not 3-D, empty, NaN/Inf)."""
     shape = tuple(getattr(data, "shape", ()))

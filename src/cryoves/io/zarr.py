@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from cryoves.errors import FormatError, InputError, VoxelSizeError
+from cryoves.errors import FormatError, InputError
 from cryoves.io.atomic import atomic_dir
-from cryoves.io.tomogram import Tomogram, validate_volume, validate_voxel_size
+from cryoves.io.tomogram import Tomogram, resolve_voxel_size, validate_volume
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +68,9 @@ def read_ome_zarr(path: str | Path, voxel_size: Any = None, *, validate: bool = 
         data = _LazyView(array, index, [order[a] for a in "zyx"])
     header_vs = _voxel_size(axes, scale, order, notes)
     origin = _origin(axes, translation, order)
-    if voxel_size is not None:
-        vs = validate_voxel_size(voxel_size, source="--voxel-size option")
-    elif header_vs is None:
-        if validate:
-            raise VoxelSizeError(f"{path}: OME-Zarr axes have no length unit; pass --voxel-size ANGSTROM")
-        vs = (float("nan"),) * 3
-    elif validate:
-        vs = validate_voxel_size(header_vs, source=f"metadata of {path.name}")
-    else:
-        vs = header_vs
+    vs = resolve_voxel_size(
+        voxel_size, header_vs, where=f"OME-Zarr metadata (axis units) of {path.name}", validate=validate, notes=notes
+    )
     if validate:
         validate_volume(data, source=str(path))
     return Tomogram(data=data, voxel_size=vs, origin=origin, path=path, header_notes=notes)

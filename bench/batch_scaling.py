@@ -153,7 +153,7 @@ def main() -> None:
             f"given, so giving each worker fewer threads slows it by {q['predict'] / max(b['predict'], 1e-9):.2f}x "
             f"(ideal {cores // layouts[1][1] if layouts[1][1] else 1}x); the rest is mostly single-threaded "
             f"numpy/scipy, which leaves cores idle with 1 worker and runs side by side with {w} "
-            f"(slowed {q['rest'] / max(b['rest'], 1e-9):.2f}x by shared memory bandwidth). More workers win "
+            f"(slowed {q['rest'] / max(b['rest'], 1e-9):.2f}x by sharing cores, caches and memory bandwidth). More workers win "
             f"when the idle share of the 1-worker run ({100 * b['rest'] / (b['predict'] + b['rest']):.0f} % here) "
             "outweighs the loss of torch's imperfect thread scaling; the ratio can never exceed the core count."
         )

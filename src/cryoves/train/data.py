@@ -131,20 +131,10 @@ def table_to_grid(table: VesicleTable, scale: tuple[float, float, float], voxel_
 
 
 def _read_table(path: Path, voxel_size_a: float) -> VesicleTable:
-    try:
-        from cryoves.io.tables import read_vesicles
-    except ImportError:  # pragma: no cover - the tables module is part of the package
-        read_vesicles = None
-    if read_vesicles is not None:
-        try:
-            return read_vesicles(path, voxel_size=voxel_size_a)
-        except TypeError:
-            return read_vesicles(path)
-    if path.suffix.lower() == ".mod":  # pragma: no cover
-        from cryoves.io.imod import read_vesicles_mod
+    """A vesicle table (.csv/.star/.mod) in voxels of the tomogram (voxel size from the tomogram)."""
+    from cryoves.io.tables import read_vesicles
 
-        return read_vesicles_mod(path, voxel_size=voxel_size_a)
-    return VesicleTable.read_csv(path, voxel_size=voxel_size_a)  # pragma: no cover
+    return read_vesicles(path, voxel_size=voxel_size_a)
 
 
 def _label_kind(src: TomogramSource) -> str:

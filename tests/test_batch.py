@@ -15,7 +15,7 @@ import pytest
 from _sim_utils import small_sim
 from cryoves.batch import collect_inputs, local_cluster_size, run_batch
 from cryoves.io import write_mrc
-from cryoves.pipeline import SegmentConfig, is_complete_result, segment
+from cryoves.pipeline import SegmentConfig, is_complete_result
 
 distributed = pytest.importorskip("distributed")
 
@@ -120,18 +120,17 @@ def test_worker_killed_mid_run_batch_completes_with_correct_outputs(tomo_dir, tm
     t.join(timeout=300)
     s = result["s"]
     assert (s["status"] == "ok").all(), s
-    # Outputs equal a single-process run of the same tomogram (same torch thread count as a worker,
-    # so the floating-point reduction order, and hence every threshold decision, is the same).
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        refs = {name: segment(tomo_dir / f"{name}.mrc", None, _cfg(model_path)) for name in ("tomo0", "tomo1")}
-    finally:
-        torch.set_num_threads(threads)
-    for name, ref in refs.items():
+    # Outputs equal an undisturbed run in the same worker environment (a fresh worker process with
+    # the same thread settings: oneDNN's rounding depends on them, ~1e-7 in p, which may flip a
+    # vesicle whose decision sits on a threshold).
+    ref_out = tmp_path / "ref"
+    ref = run_batch([tomo_dir], ref_out, _cfg(model_path), client=client, progress=False)
+    assert (ref["status"] == "ok").all()
+    for name in ("tomo0", "tomo1", "tomo2", "tomo3"):
+        want = pd.read_csv(ref_out / name / "vesicles.csv")
         got = pd.read_csv(out / name / "vesicles.csv")
-        assert len(got) == len(ref.vesicles)
-        np.testing.assert_allclose(got[["z", "y", "x", "radius"]].to_numpy(), ref.vesicles.df[["z", "y", "x", "radius"]].to_numpy(), atol=1e-2)
+        assert len(got) == len(want), name
+        np.testing.assert_allclose(
+            got[["z", "y", "x", "radius"]].to_numpy(float), want[["z", "y", "x", "radius"]].to_numpy(float), atol=1e-3
+        )
         assert is_complete_result(out / name)

@@ -269,7 +269,12 @@ def make_report(
         from cryoves.evaluate import evaluate
 
         gt = VesicleTable.read_csv(ground_truth)
-        res = evaluate(table, gt, shape=volume.shape)
+        prob = None
+        if (outdir / "probability.mrc").exists():
+            from cryoves.io import read_mrc
+
+            prob = read_mrc(outdir / "probability.mrc", validate=False).asarray()
+        res = evaluate(table, gt, shape=volume.shape, prob=prob)
         misses, fps = res.misses, res.false_positives
         metrics = pd.DataFrame([res.metrics]).T.reset_index()
         metrics.columns = ["metric", "value"]

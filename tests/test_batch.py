@@ -47,20 +47,6 @@ def tomo_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=0)
-    c = Client(cluster)
-    from cryoves.batch import _torch_threads_plugin
-
-    c.register_plugin(_torch_threads_plugin(1))
-    yield c
-    c.close()
-    cluster.close()
-
-
 def _cfg(model_path):
     return SegmentConfig(model=model_path, report=False, device="cpu")
 

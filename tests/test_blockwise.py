@@ -23,20 +23,6 @@ TILE = 64  # smallest tile the default context (24) allows: many tiles on a smal
 
 
 @pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    from cryoves.batch import _torch_threads_plugin
-
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=0)
-    c = Client(cluster)
-    c.register_plugin(_torch_threads_plugin(1))
-    yield c
-    c.close()
-    cluster.close()
-
-
-@pytest.fixture(scope="module")
 def model():
     return random_model(0)
 

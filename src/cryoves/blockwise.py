@@ -156,40 +156,12 @@ def predict_tiles(
     net: Any, volume: Any, tiles: list[Any], out: Any, *, device: str, precision: str, tta: int, batch_size: int
 ) -> None:
     """Predict the given tiles of ``volume`` (normalised, model grid) into ``out`` (same
-    coordinates), with the per-tile arithmetic of :func:`cryoves.predict.predict_array`.
+    coordinates), with exactly the per-tile arithmetic of :func:`cryoves.predict.predict_array`.
     ``net`` comes from :func:`cryoves.predict.prepare_network`."""
-    import torch
+    from cryoves.predict import choose_device
+    from cryoves.predict import predict_tiles as _predict_tiles
 
-    from cryoves.predict import (
-        TTA_TRANSFORMS,
-        _autocast,
-        _batches,
-        _inverse,
-        _read_tile,
-        _transform,
-        _transform_crop,
-        choose_device,
-    )
-
-    dev = choose_device(device)
-    transforms = TTA_TRANSFORMS[:tta]
-    with torch.inference_mode(), _autocast(dev, precision):
-        for batch in _batches(tiles, batch_size):
-            x = torch.from_numpy(np.stack([_read_tile(volume, t) for t in batch])[:, None]).to(dev)
-            crop = batch[0].crop
-            acc = None
-            for k, fx, fz in transforms:
-                xt = _transform(x, k, fx, fz)
-                if dev.type == "cpu":
-                    xt = xt.contiguous(memory_format=torch.channels_last_3d)
-                y = _inverse(net.forward_logits(xt, _transform_crop(crop, k, fx, fz)).float(), k, fx, fz)
-                acc = y if acc is None else acc.add_(y)
-            if len(transforms) > 1:
-                acc.div_(len(transforms))
-            prob = torch.sigmoid(acc)[:, 0].cpu().numpy()
-            for t, p in zip(batch, prob, strict=True):
-                kz, ky, kx = (k.stop - k.start for k in t.keep)
-                out[t.keep] = p[:kz, :ky, :kx]
+    _predict_tiles(net, volume, tiles, out, choose_device(device), precision, tta, batch_size)
 
 
 def _shift(box: tuple[slice, ...], origin: Sequence[int]) -> tuple[slice, ...]:

@@ -428,18 +428,11 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def _write_outputs(
-    out: Path,
-    tomo: Tomogram,
-    vesicles: VesicleTable,
-    rejected: pd.DataFrame,
-    prob: np.ndarray,
-    labels: np.ndarray,
-    cyto: np.ndarray | None,
-    az: np.ndarray | None,
-    manifest: dict[str, Any],
-    steps: _Steps,
-) -> None:
+def _write_outputs(out: Path, *results: Any) -> None:
+    """Write every result file, then the manifest; on failure leave no partial result.
+
+    ``results`` are the arguments of :func:`_write_result_files` after ``out``.
+    """
     # An older manifest would make a half-rewritten folder look complete: remove it first.
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     for name in [*OUTPUT_FILES.values(), MANIFEST_NAME]:  # temporaries of a killed earlier run
@@ -447,7 +440,7 @@ def _write_outputs(
             with contextlib.suppress(OSError):
                 stale.unlink()
     try:
-        _write_result_files(out, tomo, vesicles, rejected, prob, labels, cyto, az, manifest, steps)
+        _write_result_files(out, *results)
     except BaseException:
         # e.g. disk full half-way: leave no partial result (the manifest is already gone)
         from cryoves.io.pyto import ids_path

@@ -24,7 +24,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -395,9 +395,28 @@ def _run_tiles(fused, volume, out, dev, precision, tile, context, batch_size, tt
     from tqdm.auto import tqdm
 
     tiles = plan_tiles(volume.shape, tile, context)
+    bar = tqdm(total=len(tiles), desc="predict", unit="tile", disable=not progress, leave=False)
+    predict_tiles(fused, volume, tiles, out, dev, precision, tta, batch_size, on_batch=bar.update)
+    bar.close()
+    return len(tiles)
+
+
+def predict_tiles(
+    net: UNet3D,
+    volume: Any,
+    tiles: list[Any],
+    out: Any,
+    dev: torch.device,
+    precision: str,
+    tta: int,
+    batch_size: int,
+    on_batch: Callable[[int], Any] | None = None,
+) -> None:
+    """Predict ``tiles`` (from :func:`plan_tiles`) of the normalised model-grid ``volume`` into
+    ``out`` (same coordinates): TTA merged by the mean of logits, only each tile's kept block.
+    ``net`` comes from :func:`prepare_network`; ``on_batch(n)`` is called after each batch."""
     transforms = TTA_TRANSFORMS[:tta]
     channels_last = dev.type == "cpu"
-    bar = tqdm(total=len(tiles), desc="predict", unit="tile", disable=not progress, leave=False)
     with torch.inference_mode(), _autocast(dev, precision):
         for batch in _batches(tiles, batch_size):
             x = torch.from_numpy(np.stack([_read_tile(volume, t) for t in batch])[:, None]).to(dev)
@@ -407,7 +426,7 @@ def _run_tiles(fused, volume, out, dev, precision, tile, context, batch_size, tt
                 xt = _transform(x, k, fx, fz)
                 if channels_last:
                     xt = xt.contiguous(memory_format=torch.channels_last_3d)
-                y = fused.forward_logits(xt, _transform_crop(crop, k, fx, fz)).float()
+                y = net.forward_logits(xt, _transform_crop(crop, k, fx, fz)).float()
                 y = _inverse(y, k, fx, fz)
                 acc = y if acc is None else acc.add_(y)
             assert acc is not None
@@ -417,9 +436,8 @@ def _run_tiles(fused, volume, out, dev, precision, tile, context, batch_size, tt
             for t, p in zip(batch, prob, strict=True):
                 kz, ky, kx = (k.stop - k.start for k in t.keep)
                 out[t.keep] = p[:kz, :ky, :kx]
-            bar.update(len(batch))
-    bar.close()
-    return len(tiles)
+            if on_batch is not None:
+                on_batch(len(batch))
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,3 +27,15 @@ def synapse_sim(seed: int = 1):
     from cryoves.simulate import SimulationConfig, simulate
 
     return simulate(SimulationConfig.preset("synapse", shape=DEMO_SHAPE, voxel_size_a=DEMO_VOXEL_SIZE_A), seed=seed)
+
+
+def write_sim_inputs(sim, folder):
+    """Write a simulation's tomogram, stand-in probability map and masks as MRCs into ``folder``."""
+    from cryoves.io import write_mrc
+
+    vs = sim.tomogram.voxel_size
+    write_mrc(folder / "tomo.mrc", sim.tomogram.asarray(), vs)
+    write_mrc(folder / "prob.mrc", probability_from_gt(sim.labels), vs)
+    write_mrc(folder / "cyto.mrc", sim.cytoplasm_mask.astype(np.uint8), vs)
+    write_mrc(folder / "az.mrc", sim.active_zone_mask.astype(np.uint8), vs)
+    return folder

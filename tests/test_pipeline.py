@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from _sim_utils import probability_from_gt, small_sim
+from _sim_utils import probability_from_gt, small_sim, write_sim_inputs
 from cryoves.cli import app
 from cryoves.errors import Cancelled, InputError, OutputExistsError
 from cryoves.io import write_mrc
@@ -18,12 +18,7 @@ from cryoves.pipeline import OUTPUT_FILES, SegmentConfig, is_complete_result, se
 @pytest.fixture(scope="module")
 def sim_files(tmp_path_factory):
     sim = small_sim(0)
-    d = tmp_path_factory.mktemp("sim")
-    vs = sim.tomogram.voxel_size
-    write_mrc(d / "tomo.mrc", sim.tomogram.asarray(), vs)
-    write_mrc(d / "prob.mrc", probability_from_gt(sim.labels), vs)
-    write_mrc(d / "cyto.mrc", sim.cytoplasm_mask.astype(np.uint8), vs)
-    return sim, d
+    return sim, write_sim_inputs(sim, tmp_path_factory.mktemp("sim"))
 
 
 def _cfg(d, **kw):

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from _sim_utils import probability_from_gt, small_sim
+from _sim_utils import small_sim, write_sim_inputs
 from cryoves.cli import app
 from cryoves.errors import InputError
-from cryoves.io import write_mrc
 from cryoves.pipeline import SegmentConfig, segment
 from cryoves.report import make_report, radial_profile
 
@@ -19,11 +18,7 @@ from cryoves.report import make_report, radial_profile
 @pytest.fixture(scope="module")
 def seg_dir(tmp_path_factory):
     sim = small_sim(1)
-    d = tmp_path_factory.mktemp("rep")
-    vs = sim.tomogram.voxel_size
-    write_mrc(d / "tomo.mrc", sim.tomogram.asarray(), vs)
-    write_mrc(d / "prob.mrc", probability_from_gt(sim.labels), vs)
-    write_mrc(d / "az.mrc", sim.active_zone_mask.astype(np.uint8), vs)
+    d = write_sim_inputs(sim, tmp_path_factory.mktemp("rep"))
     sim.vesicles.write_csv(d / "gt.csv")
     out = d / "seg"
     segment(d / "tomo.mrc", out, SegmentConfig(from_probability=str(d / "prob.mrc"), az_mask=str(d / "az.mrc")))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from _predict_utils import PARITY_NPZ, WEIGHTS_H5, random_net, write_keras_h5
 
-from cryoves.errors import ModelError
+from cryoves.errors import ModelError, ParameterError
 from cryoves.model import (
     CRYOVESNET,
     ENV_CACHE,
@@ -114,6 +114,24 @@ def test_checkpoint_roundtrip(tmp_path, suffix):
         assert loaded.info.sha256 == registry.sha256_file(path)
     x = np.random.default_rng(1).normal(size=(8, 16, 16)).astype(np.float32)
     np.testing.assert_array_equal(_run(loaded.net, x), _run(net, x))
+
+
+def test_threshold_range_is_stored_and_read_without_loading_weights(tmp_path):
+    info = ModelInfo(name="mine", threshold_range=[0.4, 0.9, 0.1])
+    path = save_checkpoint(tmp_path / "mine.safetensors", random_net(4), info)
+    assert load_model(path).info.threshold_range == [0.4, 0.9, 0.1]
+    path.write_bytes(b"not weights")  # model_info reads the JSON only
+    np.testing.assert_allclose(registry.model_info(path).threshold_grid(), [0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    with pytest.raises(ModelError):
+        load_model(path)
+    h5 = tmp_path / "other.h5"
+    h5.write_bytes(b"")
+    assert registry.model_info(h5).name == "other"
+    grid = registry.model_info("cryovesnet").threshold_grid()  # the original 0.80, 0.81, ..., 0.99
+    assert len(grid) == 20 and grid[0] == 0.8 and grid[-1] == 0.99
+    for bad in [(0.9, 0.5, 0.01), (0.5, 1.0, 0.1), (0.1, 0.5, 0), "0.5"]:
+        with pytest.raises(ParameterError, match="threshold range"):
+            registry.threshold_grid(bad)
 
 
 def test_safetensors_without_metadata_is_refused(tmp_path):

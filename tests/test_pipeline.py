@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from _sim_utils import probability_from_gt, small_sim, write_sim_inputs
 from cryoves.cli import app
-from cryoves.errors import Cancelled, InputError, OutputExistsError
+from cryoves.errors import Cancelled, InputError, OutputExistsError, ParameterError
 from cryoves.io import write_mrc
 from cryoves.pipeline import OUTPUT_FILES, SegmentConfig, is_complete_result, segment
 
@@ -42,6 +42,21 @@ def test_segment_writes_complete_result(sim_files, tmp_path):
     assert m["f1_centre"] >= 0.8, m
     # labels are a rendering of the table
     assert set(np.unique(res.labels)) - {0} == set(res.vesicles.ids)
+
+
+def test_threshold_search_range_comes_from_the_model_unless_given(sim_files):
+    _, d = sim_files
+    for kw, searched in [
+        ({}, [0.3, 0.99]),  # cryoves-default's maps cross 0.5 at the vesicle edge
+        ({"model": "cryovesnet"}, [0.8, 0.99]),  # metadata only: nothing is downloaded
+        ({"threshold_range": (0.5, 0.6, 0.05)}, [0.5, 0.6]),
+    ]:
+        man = segment(d / "tomo.mrc", None, _cfg(d, **kw)).manifest
+        assert man["threshold_searched"] == searched, kw
+        assert searched[0] <= man["threshold"] <= searched[1]
+    assert segment(d / "tomo.mrc", None, _cfg(d, threshold=0.7)).manifest["threshold_searched"] is None
+    with pytest.raises(ParameterError, match="threshold range"):
+        segment(d / "tomo.mrc", None, _cfg(d, threshold_range=(0.9, 0.5, 0.01)))
 
 
 def test_segment_refuses_existing_result_and_force_overwrites(sim_files, tmp_path):

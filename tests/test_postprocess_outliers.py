@@ -109,6 +109,18 @@ def test_duplicate_removed_and_overlaps_shrunk():
     assert r[out.ids == 4][0] == 10  # untouched
 
 
+def test_duplicate_with_more_membrane_evidence_wins_over_a_cleaner_profile():
+    # pieces of one over-split vesicle: the true fit (r 12, membrane all round) and a fit to a small
+    # dark feature inside it whose normalised profile happens to correlate better
+    t = VesicleTable.from_spheres(
+        [(50, 50, 50), (52, 51, 50)], [12.0, 6.5], VS, profile_correlation=[0.5, 0.86],
+        membrane_contrast=[0.9, 1.3], membrane_coverage=[0.95, 0.55],
+    )
+    out, rej = repair(t, None, min_radius_nm=1.0)
+    assert list(out.ids) == [1] and list(rej["id"]) == [2]
+    assert "membrane evidence" in rej["reason"].iloc[0]
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 10_000))
 def test_resolve_overlaps_never_leaves_intersections(seed):

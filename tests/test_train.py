@@ -110,6 +110,8 @@ def test_fine_tune_from_a_saved_model_keeps_its_input_settings(tmp_path, cache):
     info = load_model(tuned.best_checkpoint).info
     assert info.voxel_size_a == 30.0 and info.prefilter_sigma == 0.5
     assert info.architecture["depth"] == 1 and info.name == "cryoves-custom"
+    # our exact-ball targets set the threshold search, whatever the starting model used
+    assert info.threshold_range == [0.3, 0.99, 0.01]
 
 
 @pytest.mark.slow

@@ -253,7 +253,7 @@ def segment_cmd(
     invert: Annotated[Optional[bool], typer.Option("--invert/--no-invert", help="Force contrast inversion on/off (default: detect).")] = None,
     vesicle_radius: Annotated[Optional[float], typer.Option("--vesicle-radius", help="Expected vesicle radius in nm (for vesicles far from synaptic-vesicle size).")] = None,
     min_radius: Annotated[float, typer.Option("--min-radius", help="Smallest vesicle radius kept, nm.")] = 12.0,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Fixed global probability threshold (default: searched in 0.80-0.99).")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Fixed global probability threshold (default: searched in the range stored with the model: 0.30-0.99 for cryoves-default, 0.80-0.99 for cryovesnet).")] = None,
     from_probability: Annotated[Optional[Path], typer.Option("--from-probability", help="Start after the network from this probability map (tomogram grid).")] = None,
     tta: Annotated[int, typer.Option("--tta", help="Test-time augmentations (1-8, in-plane only).")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",

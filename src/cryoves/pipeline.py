@@ -62,7 +62,8 @@ class SegmentConfig:
     min_radius_nm: float = 12.0
     threshold: float | None = None
     """Fixed global threshold; None searches ``threshold_range``."""
-    threshold_range: tuple[float, float, float] = (0.80, 0.99, 0.01)
+    threshold_range: tuple[float, float, float] | None = None
+    """(low, high, step) of the threshold search; None = the model's (see ModelInfo.threshold_range)."""
     mask_model: str | None = None
     """IMOD model whose closed contours outline the cytoplasm (segmentation region)."""
     mask: str | None = None
@@ -351,12 +352,13 @@ def _segment(
         prob = steps.run("restrict", 0.6, restrict_probability, prob, cyto)
 
     if cfg.threshold is None:
-        lo, hi, step = cfg.threshold_range
-        grid = np.round(np.arange(lo, hi + step / 2, step), 6)
+        grid = _threshold_candidates(cfg, model)
         th = steps.run("global_threshold", 0.65, global_threshold, prob, intensity, grid)
         threshold = float(th.threshold)
+        searched = [float(grid[0]), float(grid[-1])]
     else:
         threshold = float(cfg.threshold)
+        searched = None
 
     stage_labels: dict[str, np.ndarray] = {}
     if keep_stages:
@@ -406,6 +408,7 @@ def _segment(
         "parameters": cfg.to_dict(),
         "prediction": _jsonable(pred_info),
         "threshold": threshold,
+        "threshold_searched": searched,
         "n_vesicles": len(vesicles),
         "n_rejected": int(len(rejected)),
         "timings_s": steps.timings,
@@ -416,6 +419,15 @@ def _segment(
         if cfg.report and tomo.path is not None:
             steps.run("report", 0.99, _write_report, out)
     return SegmentResult(vesicles, rejected, prob, final_labels, manifest, out, stage_labels)
+
+
+def _threshold_candidates(cfg: SegmentConfig, model: Any) -> np.ndarray:
+    """The global threshold grid: the configured range, else the one stored with the model."""
+    from cryoves.model import model_info, threshold_grid
+
+    if cfg.threshold_range is not None:
+        return threshold_grid(cfg.threshold_range)
+    return model_info(model if model is not None else cfg.model).threshold_grid()
 
 
 def _renumber(table: VesicleTable) -> VesicleTable:

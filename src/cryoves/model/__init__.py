@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from cryoves.model.registry import (
     CRYOVESNET,
+    DEFAULT_THRESHOLD_RANGE,
     ENV_CACHE,
     ENV_CRYOVESNET_WEIGHTS,
     ENV_OFFLINE,
@@ -13,13 +14,16 @@ from cryoves.model.registry import (
     cache_dir,
     fetch_cryovesnet_weights,
     load_model,
+    model_info,
     save_checkpoint,
     sha256_file,
+    threshold_grid,
 )
 from cryoves.model.unet import UNet3D, fused_inference_copy
 
 __all__ = [
     "CRYOVESNET",
+    "DEFAULT_THRESHOLD_RANGE",
     "ENV_CACHE",
     "ENV_CRYOVESNET_WEIGHTS",
     "ENV_OFFLINE",
@@ -31,6 +35,8 @@ __all__ = [
     "fetch_cryovesnet_weights",
     "fused_inference_copy",
     "load_model",
+    "model_info",
     "save_checkpoint",
     "sha256_file",
+    "threshold_grid",
 ]

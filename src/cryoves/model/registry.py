@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from cryoves.errors import ModelError
+from cryoves.errors import ModelError, ParameterError
 from cryoves.model.unet import UNet3D, architecture_kwargs
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,21 @@ ENV_OFFLINE = "CRYOVES_OFFLINE"
 
 PACKAGED_DIR = Path(__file__).parent / "weights"
 
+#: The original CryoVesNet global threshold search: 0.80, 0.81, ..., 0.99.
+DEFAULT_THRESHOLD_RANGE = (0.80, 0.99, 0.01)
+
 _DEFAULT_ARCH = dict(depth=2, base_filters=16, convs_per_level=2, batch_norm=True, dropout=0.0, bn_eps=1e-3)
+
+
+def threshold_grid(threshold_range: Any) -> np.ndarray:
+    """Candidates low, low + step, ..., high (inclusive) from ``(low, high, step)``, validated."""
+    try:
+        lo, hi, step = (float(v) for v in threshold_range)
+    except (TypeError, ValueError) as exc:
+        raise ParameterError(f"threshold range must be (low, high, step), got {threshold_range!r}") from exc
+    if not (0.0 <= lo <= hi < 1.0 and step > 0):
+        raise ParameterError(f"threshold range needs 0 <= low <= high < 1 and step > 0, got {(lo, hi, step)}")
+    return np.round(np.arange(lo, hi + step / 2, step), 6)
 
 
 @dataclass
@@ -48,6 +63,11 @@ class ModelInfo:
         prefilter_sigma: Gaussian σ (model voxels) applied after resampling, 0 = none.
         sha256: hash of the weight file.
         source: where the weights come from; url: download address (if any); licence of the weights.
+        threshold_range: (low, high, step) of the global threshold search for this network's maps;
+            None = the original (0.80, 0.99, 0.01). It depends on how wide the training target was:
+            CryoVesNet's maps stay near 1 up to the membrane's outer side; networks trained by
+            ``cryoves train`` on exact balls cross 0.5 at the vesicle's outer edge, so their membrane
+            shell lies near p = 0.5 and below 0.8 (see docs/models.md).
     """
 
     name: str
@@ -62,6 +82,11 @@ class ModelInfo:
     url: str | None = None
     licence: str | None = None
     notes: str = ""
+    threshold_range: list[float] | None = None
+
+    def threshold_grid(self) -> np.ndarray:
+        """The candidate global thresholds (ascending) for this network's probability maps."""
+        return threshold_grid(self.threshold_range or DEFAULT_THRESHOLD_RANGE)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,6 +196,28 @@ def fetch_cryovesnet_weights() -> Path:
     return Path(got)
 
 
+def model_info(name_or_path: str | os.PathLike | LoadedModel) -> ModelInfo:
+    """A model's metadata without loading (or downloading) its weights.
+
+    Weight files without metadata (Keras ``.h5``) get CryoVesNet's, as :func:`load_model` gives them.
+    """
+    if isinstance(name_or_path, LoadedModel):
+        return name_or_path.info
+    key = str(name_or_path)
+    if key == "cryovesnet":
+        return dataclasses.replace(CRYOVESNET)
+    path = PACKAGED_DIR / f"{key}.safetensors" if key in PACKAGED_MODELS else Path(key).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in (".h5", ".hdf5", ".keras"):
+        return dataclasses.replace(CRYOVESNET, name=path.stem)
+    if suffix == ".safetensors" and _metadata_path(path).exists():
+        try:
+            return ModelInfo.from_dict(json.loads(_metadata_path(path).read_text()))
+        except (ValueError, OSError, TypeError) as exc:
+            raise ModelError(f"cannot read the metadata of model {path}: {exc}") from exc
+    return load_model(key).info
+
+
 def load_model(name_or_path: str | os.PathLike | LoadedModel, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a registry model (``"cryovesnet"``, ``"cryoves-default"``) or a weight file.
 
@@ -240,8 +287,11 @@ def _load_safetensors(path: Path) -> LoadedModel:
         raise ModelError(f"{path} has no metadata file {meta_path.name} beside it; save with save_checkpoint()")
     try:
         info = ModelInfo.from_dict(json.loads(meta_path.read_text()))
-        state = load_file(str(path))
     except (ValueError, OSError, TypeError) as exc:
+        raise ModelError(f"cannot read the metadata of model {path}: {exc}") from exc
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError is no OSError/ValueError subclass
         raise ModelError(f"cannot read model {path}: {exc}") from exc
     return _build(state, info, path)
 

@@ -285,6 +285,23 @@ def resolve_overlaps(
     return keep, radii
 
 
+def membrane_evidence(df: pd.DataFrame) -> np.ndarray:
+    """How much visible membrane supports each fit: contrast x coverage x radius^2 (voxels^2).
+
+    Ranks fits that claim the same vesicle (pieces of an over-split object). The profile correlation
+    does not: a fit to a small dark feature inside or beside a vesicle can have the cleaner profile,
+    and on 4 simulated tomograms it won 4 of 13 such contests, leaving fits off by 3-7 nm. A sphere on
+    the real membrane sees it in more directions, with more contrast, over a larger area. Missing
+    columns count as 1 (then the larger sphere wins).
+    """
+    q = df["radius"].to_numpy(float) ** 2
+    for c in ("membrane_contrast", "membrane_coverage"):
+        if c in df.columns:
+            v = df[c].to_numpy(float)
+            q = q * np.where(np.isfinite(v), np.clip(v, 0.0, None), 1.0)
+    return q
+
+
 def repair(
     table: VesicleTable,
     intensity: np.ndarray | None = None,
@@ -375,11 +392,11 @@ def repair(
 
     if resolve_overlap and len(df) > 1:
         centres, radii = df[["z", "y", "x"]].to_numpy(), df["radius"].to_numpy()
-        keep, new_radii = resolve_overlaps(centres, radii, df["profile_correlation"].to_numpy(float))
+        keep, new_radii = resolve_overlaps(centres, radii, membrane_evidence(df))
         shrunk = int(np.count_nonzero(new_radii[keep] < radii[keep]))
         if shrunk:
             log.info("shrank %d spheres so they no longer intersect", shrunk)
-        df = _drop(df, ~keep, "overlap", "duplicate: centre inside a better-fitting vesicle", rejected)
+        df = _drop(df, ~keep, "overlap", "duplicate: centre inside a vesicle with more membrane evidence", rejected)
         df["radius"] = new_radii[keep]
 
     small = (df["radius"] * nm <= min_radius_nm).to_numpy()

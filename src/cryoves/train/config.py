@@ -126,7 +126,9 @@ class TrainConfig:
     :func:`cryoves.preprocess.normalise`) and ``prefilter_sigma`` (Gaussian σ in model voxels applied
     after resampling) describe the model's input and are stored in its metadata; when fine-tuning
     (``init``) they are taken from the starting model. ``time_limit_min`` stops training early
-    (after a final validation and checkpoint).
+    (after a final validation and checkpoint). ``threshold_range`` (low, high, step) is the global
+    threshold search used for validation and stored with the model for ``segment``: our targets are
+    exact balls, so the maps cross 0.5 at the vesicle edge and the membrane shell lies below 0.8.
     """
 
     name: str = "cryoves-custom"
@@ -149,6 +151,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16
     export: str | None = None
     num_threads: int | None = None
+    threshold_range: tuple[float, float, float] = (0.30, 0.99, 0.01)
 
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict[str, Any]:
@@ -221,6 +224,9 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ParameterError(msg)
+        from cryoves.model import threshold_grid
+
+        threshold_grid(self.threshold_range)
         div = 2 ** self.architecture.depth
         if o.patch_size < div or o.patch_size % div:
             raise ParameterError(f"optim.patch_size must be a multiple of {div} (2**depth), got {o.patch_size}")

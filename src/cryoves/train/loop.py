@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from cryoves import __version__
 from cryoves.errors import InputError, ModelError, OutputExistsError, ParameterError
 from cryoves.io.atomic import MANIFEST_NAME, atomic_path, prepare_output_dir, write_json_atomic, write_text_atomic
+from cryoves.model.registry import threshold_grid
 from cryoves.train.augment import augment_batch
 from cryoves.train.config import TrainConfig
 from cryoves.train.data import (
@@ -190,26 +191,28 @@ def predict_volume(net: torch.nn.Module, image: np.ndarray, device: torch.device
 
 
 def detect_vesicles(prob: np.ndarray, image: np.ndarray, voxel_size_a: float, min_radius_nm: float = 12.0,
-                    table_voxel_size_a: float | None = None):
+                    table_voxel_size_a: float | None = None, thresholds: np.ndarray | None = None):
     """Post-process a model-grid probability map into spheres (equal-volume radius at the centroid).
 
     Uses the project's global threshold (darkest mask shell) and adaptive labelling
     (:mod:`cryoves.postprocess`) on the normalised image; sphere fitting is left out to keep
     validation fast. ``voxel_size_a`` sets the minimum size (``min_radius_nm``); the table gets
     ``table_voxel_size_a`` (default the same), e.g. the ground truth's when a size hint rescaled it.
+    ``thresholds``: global threshold candidates (default 0.80-0.99).
     """
     from cryoves.postprocess.adaptive import label_vesicles
     from cryoves.postprocess.threshold import global_threshold
 
-    th = global_threshold(prob, image).threshold
+    th = global_threshold(prob, image, thresholds).threshold
     labels, _ = label_vesicles(prob, float(th), voxel_size_a, min_radius_nm=min_radius_nm)
     return _components_to_table(labels, table_voxel_size_a or voxel_size_a)
 
 
 def validate(net: torch.nn.Module, volumes: list[TrainingVolume], device: torch.device, bf16: bool,
-             model_voxel_size_a: float) -> dict[str, float]:
+             model_voxel_size_a: float, thresholds: np.ndarray | None = None) -> dict[str, float]:
     """Mean metrics over ``volumes``: ``loss``, soft and hard (p > 0.5) ``dice``, vesicle ``f1``
-    (centre protocol, after post-processing), ``precision``, ``recall``."""
+    (centre protocol, after post-processing with global threshold candidates ``thresholds``),
+    ``precision``, ``recall``."""
     from cryoves.evaluate import dice, evaluate, soft_dice
 
     rows = []
@@ -227,7 +230,7 @@ def validate(net: torch.nn.Module, volumes: list[TrainingVolume], device: torch.
         if vol.vesicles is not None:
             # both tables in the same voxels: the GT grid may be a size-hint rescaled one
             pred = detect_vesicles(prob * w, vol.image, model_voxel_size_a,
-                                   table_voxel_size_a=vol.vesicles.voxel_size)
+                                   table_voxel_size_a=vol.vesicles.voxel_size, thresholds=thresholds)
             m = evaluate(pred, vol.vesicles).metrics
             row.update(f1=m["f1_centre"], precision=m["precision_centre"], recall=m["recall_centre"])
         rows.append(row)
@@ -260,7 +263,7 @@ def _model_info(cfg: TrainConfig, base_info: Any, data_summary: dict[str, Any], 
     )
     common = dict(name=cfg.name, voxel_size_a=cfg.voxel_size_a, normalisation=cfg.normalisation,
                   prefilter_sigma=cfg.prefilter_sigma, polarity="dense_dark",
-                  source=f"cryoves train: {cfg.name}", notes=notes)
+                  source=f"cryoves train: {cfg.name}", notes=notes, threshold_range=list(cfg.threshold_range))
     if base_info is not None:
         return dataclasses.replace(base_info, url=None, sha256=None, licence=base_info.licence, **common)
     from cryoves.train.data import TRAINING_RADIUS_NM
@@ -451,6 +454,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     o = cfg.optim
     losses: list[float] = []
 
+    candidates = threshold_grid(cfg.threshold_range)
+
     def checkpoint(step: int) -> None:
         state = {
             "model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "best": best,
@@ -507,7 +512,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
             is_last = step >= o.steps or stop_early
             if step % cfg.val_every == 0 or is_last:
                 checkpoint(step)  # before validation, so a failure there loses no training
-                last_metrics = validate(net, val, device, bf16, cfg.voxel_size_a)
+                last_metrics = validate(net, val, device, bf16, cfg.voxel_size_a, candidates)
                 log_row(step, last_metrics)
                 score = last_metrics.get(cfg.val_metric, last_metrics["dice"])
                 if score > best:

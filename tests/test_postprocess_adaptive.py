@@ -4,7 +4,7 @@ import pytest
 from _post_utils import synthetic
 from cryoves.errors import ParameterError
 from cryoves.postprocess import REJECTED_COLUMNS
-from cryoves.postprocess.adaptive import label_vesicles
+from cryoves.postprocess.adaptive import label_vesicles, rejoin_duplicate_pieces
 
 VS = 10.0  # Å; min_radius_nm=4 -> 4 voxels
 
@@ -90,3 +90,23 @@ def test_discard_rules_record_reasons():
 def test_bad_threshold():
     with pytest.raises(ParameterError):
         label_vesicles(np.zeros((4, 4, 4)), 1.5, VS)
+
+
+def test_touching_pieces_fitted_to_one_vesicle_are_rejoined_under_a_fresh_id():
+    zz, yy, xx = np.indices((40, 40, 80))
+    ball = (zz - 20) ** 2 + (yy - 20) ** 2 + (xx - 20) ** 2 <= 10**2
+    labels = np.zeros(ball.shape, np.uint32)
+    labels[ball & (xx < 20)] = 3
+    labels[ball & (xx >= 20)] = 5  # touching halves of one vesicle
+    labels[(zz - 20) ** 2 + (yy - 20) ** 2 + (xx - 55) ** 2 <= 8**2] = 7
+    labels[:2, :2, 40:42] = 9  # apart from 7 although its sphere claims the same vesicle
+    before = labels.copy()
+    centres = [(20, 20, 19.5), (20, 20, 20.5), (20, 20, 55), (20.5, 20, 55)]
+    joined, new = rejoin_duplicate_pieces(labels, [3, 5, 7, 9], centres, [10, 10, 8, 8])
+    np.testing.assert_array_equal(labels, before)  # the input is left as it was
+    assert new == [10]
+    assert set(np.unique(joined[ball])) == {10} and (joined == 10).sum() == ball.sum()
+    assert (joined == 7).sum() == (before == 7).sum() and (joined == 9).sum() == 8
+    # far-apart spheres are never joined
+    same, none = rejoin_duplicate_pieces(labels, [3, 7], [(20, 20, 15), (20, 20, 55)], [10, 8])
+    assert none == [] and same is labels

@@ -320,7 +320,7 @@ def _segment(
     model: Any,
     client: Any = None,
 ) -> SegmentResult:
-    from cryoves.postprocess.adaptive import label_vesicles
+    from cryoves.postprocess.adaptive import label_vesicles, rejoin_duplicate_pieces
     from cryoves.postprocess.masks import restrict_probability, vesicles_in_region
     from cryoves.postprocess.outliers import repair
     from cryoves.postprocess.spheres import fit_spheres
@@ -375,6 +375,12 @@ def _segment(
 
         fit_spheres = functools.partial(fit_spheres_blockwise, client=client)  # noqa: F811
     spheres, rej_fit = steps.run("spheres", 0.8, fit_spheres, intensity, labels, vs)
+    joined, new_ids = rejoin_duplicate_pieces(labels, spheres.ids, spheres.centres, spheres.radii)
+    if new_ids:
+        # refit with the whole objects in place of their pieces (measured: better than letting the
+        # pieces' fits compete with the whole object's, which loses vesicles cut by the volume border)
+        labels = joined
+        spheres, rej_fit = steps.run("refit", 0.85, fit_spheres, intensity, labels, vs)
     if keep_stages:
         stage_labels["spheres"] = spheres.to_labels(tomo.shape)
     vesicles, rej_repair = steps.run(

@@ -196,12 +196,12 @@ def fetch_cryovesnet_weights() -> Path:
     return Path(got)
 
 
-def model_info(name_or_path: str | os.PathLike | LoadedModel) -> ModelInfo:
+def model_info(name_or_path: str | os.PathLike | LoadedModel | Any) -> ModelInfo:
     """A model's metadata without loading (or downloading) its weights.
 
     Weight files without metadata (Keras ``.h5``) get CryoVesNet's, as :func:`load_model` gives them.
     """
-    if isinstance(name_or_path, LoadedModel):
+    if isinstance(getattr(name_or_path, "info", None), ModelInfo):  # a LoadedModel or the like
         return name_or_path.info
     key = str(name_or_path)
     if key == "cryovesnet":

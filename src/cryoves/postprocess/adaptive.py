@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import cc3d
 import numpy as np
 import pandas as pd
+from scipy.ndimage import binary_dilation
+from scipy.spatial import cKDTree
 from skimage.segmentation import watershed
 
 from cryoves.errors import ParameterError
@@ -263,3 +265,61 @@ def label_vesicles(
         labels[drop[labels]] = 0
     log.info("%d objects kept, %d discarded", len(objs) - int(drop.sum()), int(drop.sum()))
     return labels, concat_rejected(rejected)
+
+
+def rejoin_duplicate_pieces(
+    labels: np.ndarray, ids: np.ndarray, centres: np.ndarray, radii: np.ndarray
+) -> tuple[np.ndarray, list[int]]:
+    """Rejoin touching objects whose fitted spheres claim the same vesicle.
+
+    Splitting can cut one vesicle into pieces (e.g. when it was merged with a membrane sheet or a
+    neighbour); the spheres fitted to the pieces then converge on the same vesicle, a centre lying
+    inside the other sphere, but each started from an off-centre piece. Touching (6-neighbour) such
+    pieces are joined under a fresh id so the whole object can be refitted.
+    ``ids``/``centres``/``radii`` (voxels) describe the fitted objects of ``labels``. Returns (a new
+    label volume with each group of pieces under one fresh id, the fresh ids); ``labels`` is unchanged.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    centres = np.asarray(centres, float).reshape(-1, 3)
+    radii = np.asarray(radii, float).reshape(-1)
+    if len(ids) < 2:
+        return labels, []
+    pairs = cKDTree(centres).query_pairs(float(radii.max()), output_type="ndarray")
+    if len(pairs) == 0:
+        return labels, []
+    i, j = pairs[:, 0], pairs[:, 1]
+    dup = np.linalg.norm(centres[i] - centres[j], axis=1) < np.maximum(radii[i], radii[j])
+    parent = {int(k): int(k) for k in ids}
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    boxes = cc3d.statistics(labels)["bounding_boxes"]
+    for a, b in zip(ids[i[dup]], ids[j[dup]]):
+        ra, rb = root(int(a)), root(int(b))
+        if ra == rb:
+            continue
+        box = tuple(
+            slice(max(min(sa.start, sb.start) - 1, 0), min(max(sa.stop, sb.stop) + 1, n))
+            for sa, sb, n in zip(boxes[a], boxes[b], labels.shape)
+        )
+        sub = labels[box]
+        if (binary_dilation(sub == a) & (sub == b)).any():
+            parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[int, list[int]] = {}
+    for k in parent:
+        groups.setdefault(root(k), []).append(k)
+    groups = {r: g for r, g in groups.items() if len(g) > 1}
+    if not groups:
+        return labels, []
+    next_id = int(labels.max()) + 1
+    lut = np.arange(next_id + len(groups), dtype=np.uint32)
+    new_ids = []
+    for n, members in enumerate(groups.values()):
+        lut[members] = next_id + n
+        new_ids.append(next_id + n)
+    log.info("rejoined %d groups of split pieces whose spheres fit the same vesicle", len(new_ids))
+    return lut[labels], new_ids

@@ -278,8 +278,8 @@ def _build(cls: type, d: Any, where: str) -> Any:
             if not isinstance(value or [], list):
                 raise ParameterError(f"{sub} must be a list of tomogram entries")
             kwargs[key] = [_build(TomogramSource, v, f"{sub}[{i}]") for i, v in enumerate(value or [])]
-        elif key in ("shape", "scale_range", "gamma_range"):
-            n = 3 if key == "shape" else 2
+        elif key in ("shape", "scale_range", "gamma_range", "threshold_range"):
+            n = 3 if key in ("shape", "threshold_range") else 2
             if not isinstance(value, (list, tuple)) or len(value) != n:
                 raise ParameterError(f"{sub} must be a list of {n} numbers, got {value!r}")
             kwargs[key] = tuple((int if key == "shape" else float)(v) for v in value)

@@ -1,7 +1,8 @@
 """``segment()``: tomogram → vesicle table and every output file. Composition only, no algorithms.
 
 Steps: read + validate → region masks → probability map (network, cached by content) → global
-threshold → labelling with adaptive local thresholds → sphere fitting → outlier repair and region
+threshold (range stored with the model) → labelling with adaptive local thresholds → sphere fitting
+(touching pieces whose spheres fit one vesicle are rejoined and refitted) → outlier repair and region
 filter → outputs. Every removal is recorded in the rejected table; ``manifest.json`` is written
 last so a folder without it is never mistaken for a complete result.
 """

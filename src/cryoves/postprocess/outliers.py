@@ -9,7 +9,8 @@ Order of the steps in :func:`repair`:
    asymptotically, by default its exact finite-sample (Hotelling T^2 / F) form for the leave-one-out
    D^2 so that small tomograms are not over-flagged. Outliers are re-fitted with boxes grown by
    ``regrow_step`` voxels per try (at most ``max_regrow``) and removed when they never pass;
-4. overlaps: duplicates (a centre inside another sphere) are removed, the remaining intersecting
+4. overlaps: duplicates (a centre inside another sphere with more membrane evidence, see
+   :func:`membrane_evidence`) are removed, the remaining intersecting
    spheres shrunk so that no two intersect (pairs from a cKDTree);
 5. spheres with radius <= ``min_radius_nm`` are removed.
 

@@ -22,6 +22,7 @@ from cryoves.model import (
     save_checkpoint,
 )
 from cryoves.model import registry
+from cryoves.postprocess.threshold import threshold_grid
 
 needs_weights = pytest.mark.skipif(not WEIGHTS_H5.exists(), reason="shared reference weights.h5 absent")
 
@@ -131,7 +132,7 @@ def test_threshold_range_is_stored_and_read_without_loading_weights(tmp_path):
     assert len(grid) == 20 and grid[0] == 0.8 and grid[-1] == 0.99
     for bad in [(0.9, 0.5, 0.01), (0.5, 1.0, 0.1), (0.1, 0.5, 0), "0.5"]:
         with pytest.raises(ParameterError, match="threshold range"):
-            registry.threshold_grid(bad)
+            threshold_grid(bad)
 
 
 def test_safetensors_without_metadata_is_refused(tmp_path):

@@ -430,7 +430,8 @@ def _segment(
 
 def _threshold_candidates(cfg: SegmentConfig, model: Any) -> np.ndarray:
     """The global threshold grid: the configured range, else the one stored with the model."""
-    from cryoves.model import model_info, threshold_grid
+    from cryoves.model import model_info
+    from cryoves.postprocess.threshold import threshold_grid
 
     if cfg.threshold_range is not None:
         return threshold_grid(cfg.threshold_range)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from cryoves.model.registry import (
     CRYOVESNET,
-    DEFAULT_THRESHOLD_RANGE,
     ENV_CACHE,
     ENV_CRYOVESNET_WEIGHTS,
     ENV_OFFLINE,
@@ -17,13 +16,11 @@ from cryoves.model.registry import (
     model_info,
     save_checkpoint,
     sha256_file,
-    threshold_grid,
 )
 from cryoves.model.unet import UNet3D, fused_inference_copy
 
 __all__ = [
     "CRYOVESNET",
-    "DEFAULT_THRESHOLD_RANGE",
     "ENV_CACHE",
     "ENV_CRYOVESNET_WEIGHTS",
     "ENV_OFFLINE",
@@ -38,5 +35,4 @@ __all__ = [
     "model_info",
     "save_checkpoint",
     "sha256_file",
-    "threshold_grid",
 ]

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cryoves.errors import ModelError, ParameterError
+from cryoves.errors import ModelError
 from cryoves.model.unet import UNet3D, architecture_kwargs
+from cryoves.postprocess.threshold import DEFAULT_THRESHOLD_RANGE, threshold_grid
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +33,7 @@ ENV_OFFLINE = "CRYOVES_OFFLINE"
 
 PACKAGED_DIR = Path(__file__).parent / "weights"
 
-#: The original CryoVesNet global threshold search: 0.80, 0.81, ..., 0.99.
-DEFAULT_THRESHOLD_RANGE = (0.80, 0.99, 0.01)
-
 _DEFAULT_ARCH = dict(depth=2, base_filters=16, convs_per_level=2, batch_norm=True, dropout=0.0, bn_eps=1e-3)
-
-
-def threshold_grid(threshold_range: Any) -> np.ndarray:
-    """Candidates low, low + step, ..., high (inclusive) from ``(low, high, step)``, validated."""
-    try:
-        lo, hi, step = (float(v) for v in threshold_range)
-    except (TypeError, ValueError) as exc:
-        raise ParameterError(f"threshold range must be (low, high, step), got {threshold_range!r}") from exc
-    if not (0.0 <= lo <= hi < 1.0 and step > 0):
-        raise ParameterError(f"threshold range needs 0 <= low <= high < 1 and step > 0, got {(lo, hi, step)}")
-    return np.round(np.arange(lo, hi + step / 2, step), 6)
 
 
 @dataclass

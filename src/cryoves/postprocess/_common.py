@@ -79,3 +79,26 @@ def check_positive(value: float, name: str) -> float:
     if not np.isfinite(value) or value <= 0:
         raise ParameterError(f"{name} must be positive, got {value!r}")
     return float(value)
+
+
+def sphere_pairs(centres: np.ndarray, radii: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Intersecting sphere pairs (i < j, distance < r_i + r_j): (i, j, distance, duplicate).
+
+    ``duplicate`` marks pairs where one centre lies inside the other sphere (distance < max radius),
+    i.e. two fits that claim the same vesicle. Lengths in voxels.
+    """
+    from scipy.spatial import cKDTree
+
+    centres = np.asarray(centres, float).reshape(-1, 3)
+    radii = np.asarray(radii, float).reshape(-1)
+    empty = np.zeros(0, int)
+    if len(radii) < 2:
+        return empty, empty, np.zeros(0), np.zeros(0, bool)
+    pairs = cKDTree(centres).query_pairs(2.0 * float(radii.max()), output_type="ndarray")
+    if len(pairs) == 0:
+        return empty, empty, np.zeros(0), np.zeros(0, bool)
+    i, j = pairs[:, 0], pairs[:, 1]
+    d = np.linalg.norm(centres[i] - centres[j], axis=1)
+    hit = d < radii[i] + radii[j]
+    i, j, d = i[hit], j[hit], d[hit]
+    return i, j, d, d < np.maximum(radii[i], radii[j])

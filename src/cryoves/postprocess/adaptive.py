@@ -16,11 +16,16 @@ import cc3d
 import numpy as np
 import pandas as pd
 from scipy.ndimage import binary_dilation
-from scipy.spatial import cKDTree
 from skimage.segmentation import watershed
 
 from cryoves.errors import ParameterError
-from cryoves.postprocess._common import check_voxel_size, check_volume, concat_rejected, rejected_frame
+from cryoves.postprocess._common import (
+    check_voxel_size,
+    check_volume,
+    concat_rejected,
+    rejected_frame,
+    sphere_pairs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -280,15 +285,9 @@ def rejoin_duplicate_pieces(
     label volume with each group of pieces under one fresh id, the fresh ids); ``labels`` is unchanged.
     """
     ids = np.asarray(ids, dtype=np.int64)
-    centres = np.asarray(centres, float).reshape(-1, 3)
-    radii = np.asarray(radii, float).reshape(-1)
-    if len(ids) < 2:
+    i, j, _, dup = sphere_pairs(centres, radii)
+    if not dup.any():
         return labels, []
-    pairs = cKDTree(centres).query_pairs(float(radii.max()), output_type="ndarray")
-    if len(pairs) == 0:
-        return labels, []
-    i, j = pairs[:, 0], pairs[:, 1]
-    dup = np.linalg.norm(centres[i] - centres[j], axis=1) < np.maximum(radii[i], radii[j])
     parent = {int(k): int(k) for k in ids}
 
     def root(k: int) -> int:

@@ -24,12 +24,11 @@ import logging
 
 import numpy as np
 import pandas as pd
-from scipy.spatial import cKDTree
 from scipy.stats import chi2
 from scipy.stats import f as f_dist
 
 from cryoves.errors import ParameterError
-from cryoves.postprocess._common import check_volume, concat_rejected, rejected_frame
+from cryoves.postprocess._common import check_volume, concat_rejected, rejected_frame, sphere_pairs
 from cryoves.postprocess.spheres import FitFailure, FitOptions, _fit
 from cryoves.vesicles import VesicleTable
 
@@ -254,16 +253,10 @@ def resolve_overlaps(
     if n < 2:
         return keep, radii
     q = radii if quality is None else np.where(np.isfinite(quality), quality, -np.inf)
-    tree = cKDTree(centres)
-    pairs = tree.query_pairs(2.0 * radii.max(), output_type="ndarray")
-    if len(pairs) == 0:
+    i, j, d, dup = sphere_pairs(centres, radii)
+    if len(i) == 0:
         return keep, radii
-    i, j = pairs[:, 0], pairs[:, 1]
-    d = np.linalg.norm(centres[i] - centres[j], axis=1)
-    hit = d < radii[i] + radii[j]
-    i, j, d = i[hit], j[hit], d[hit]
     # duplicates: visit the best first; drop a worse sphere whose centre is inside a kept one
-    dup = d < np.maximum(radii[i], radii[j])
     if dup.any():
         order = np.lexsort((-radii, -q))
         rank = np.empty(n, int)

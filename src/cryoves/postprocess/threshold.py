@@ -22,7 +22,22 @@ from cryoves.postprocess._common import check_same_shape, check_volume
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLDS = np.round(np.arange(0.80, 0.995, 0.01), 2)
+#: The original CryoVesNet search (low, high, step): 0.80, 0.81, ..., 0.99.
+DEFAULT_THRESHOLD_RANGE = (0.80, 0.99, 0.01)
+
+
+def threshold_grid(threshold_range) -> np.ndarray:
+    """Candidates low, low + step, ..., high (inclusive) from ``(low, high, step)``, validated."""
+    try:
+        lo, hi, step = (float(v) for v in threshold_range)
+    except (TypeError, ValueError) as exc:
+        raise ParameterError(f"threshold range must be (low, high, step), got {threshold_range!r}") from exc
+    if not (0.0 <= lo <= hi < 1.0 and step > 0):
+        raise ParameterError(f"threshold range needs 0 <= low <= high < 1 and step > 0, got {(lo, hi, step)}")
+    return np.round(np.arange(lo, hi + step / 2, step), 6)
+
+
+DEFAULT_THRESHOLDS = threshold_grid(DEFAULT_THRESHOLD_RANGE)
 
 
 @dataclass(frozen=True)

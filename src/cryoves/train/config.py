@@ -224,7 +224,7 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ParameterError(msg)
-        from cryoves.model import threshold_grid
+        from cryoves.postprocess.threshold import threshold_grid
 
         threshold_grid(self.threshold_range)
         div = 2 ** self.architecture.depth

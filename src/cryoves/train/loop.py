@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from cryoves import __version__
 from cryoves.errors import InputError, ModelError, OutputExistsError, ParameterError
 from cryoves.io.atomic import MANIFEST_NAME, atomic_path, prepare_output_dir, write_json_atomic, write_text_atomic
-from cryoves.model.registry import threshold_grid
+from cryoves.postprocess.threshold import threshold_grid
 from cryoves.train.augment import augment_batch
 from cryoves.train.config import TrainConfig
 from cryoves.train.data import (

@@ -271,3 +271,13 @@ def test_load_result_prefers_a_recovery_file(tmp_path):
     assert sorted(s3.table.ids) == [1, 2, 3, 4]
     s2.discard_recovery()
     assert not (out / RECOVERY_NAME).exists()
+
+
+def test_flagged_vesicles_are_reviewed_first_and_rank_first_in_the_report():
+    from cryoves.vesicles import qc_score
+
+    table = truth_table(mahalanobis=[1.0, 6.0, 2.0, 0.5], profile_correlation=[0.9, 0.9, 0.2, 0.95],
+                        flags=["", "", "", "Mahalanobis outlier (p = 1e-09)"])
+    s = _session(table)
+    assert [i.key for i in s.review_queue()] == [4, 2, 3, 1]
+    assert np.argmax(qc_score(table.df)) == 3

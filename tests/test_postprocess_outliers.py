@@ -200,3 +200,68 @@ def test_coverage_filter_is_optional():
     assert len(kept) == 6 and len(rej) == 0  # off by default
     kept, rej = repair(t, None, min_radius_nm=1.0, min_coverage=0.6)
     assert list(rej["step"]) == ["coverage"] and rej["id"].iloc[0] == t.df["id"].iloc[2]
+
+
+def _supported_table(n=15, **extra):
+    """Far-apart vesicles with a confident map and a clear membrane in every direction."""
+    rng = np.random.default_rng(3)
+    return _table(n=n, membrane_contrast=rng.normal(1.0, 0.05, n), membrane_coverage=np.full(n, 0.95),
+                  map_confidence=np.full(n, 0.95), **extra)
+
+
+def test_supported_mahalanobis_outlier_is_flagged_not_removed():
+    t = _supported_table()
+    df = t.df.copy()
+    df.loc[3, "membrane_thickness_nm"] = 12.0  # far outside the population: p ~ 1e-30
+    out, rej = repair(t.with_df(df), None, min_radius_nm=1.0)
+    assert len(rej) == 0 and len(out) == 15
+    flags = out.df.set_index("id")["flags"]
+    assert flags.loc[df.loc[3, "id"]].startswith("Mahalanobis outlier")
+    assert (flags.drop(df.loc[3, "id"]) == "").all()
+
+
+def test_unsupported_mahalanobis_outlier_is_still_removed():
+    t = _supported_table()
+    df = t.df.copy()
+    df.loc[3, "membrane_thickness_nm"] = 12.0
+    df.loc[3, "map_confidence"] = 0.2  # the network does not see a vesicle there
+    out, rej = repair(t.with_df(df), None, min_radius_nm=1.0)
+    assert list(rej["step"]) == ["outlier"] and len(out) == 14
+
+
+def test_low_correlation_with_confident_map_and_membrane_is_flagged():
+    t = _supported_table(n=8)
+    df = t.df.copy()
+    df.loc[2, "profile_correlation"] = 0.1
+    df.loc[5, "profile_correlation"] = 0.1
+    df.loc[5, "membrane_coverage"] = 0.3  # membrane seen in too few directions: not supported
+    out, rej = repair(t.with_df(df), None, min_radius_nm=1.0)
+    assert list(rej["id"]) == [df.loc[5, "id"]] and list(rej["step"]) == ["correlation"]
+    assert out.df.set_index("id").loc[df.loc[2, "id"], "flags"] == "profile correlation 0.10"
+
+
+def test_correlation_removal_limit_follows_the_population():
+    # a noisy tomogram: correlations spread widely, so 0.25 is within the population (flag, not removal)
+    rng = np.random.default_rng(0)
+    corr = np.clip(rng.normal(0.5, 0.25, 40), -0.2, 1.0)
+    corr[0] = 0.25
+    t = _table(n=40, profile_correlation=corr)
+    out, rej = repair(t, None, min_radius_nm=1.0, p_threshold=0.0)
+    assert t.df.loc[0, "id"] in set(out.ids)
+    assert "profile correlation 0.25" in out.df.set_index("id").loc[t.df.loc[0, "id"], "flags"]
+    # a tight population keeps the absolute limit
+    t = _table(n=8)
+    df = t.df.copy()
+    df.loc[2, "profile_correlation"] = 0.25
+    out, rej = repair(t.with_df(df), None, min_radius_nm=1.0)
+    assert list(rej["id"]) == [df.loc[2, "id"]]
+
+
+def test_map_confidence_is_the_mean_probability_inside_the_sphere():
+    from cryoves.postprocess.outliers import map_confidence
+
+    prob = np.zeros((30, 30, 30), np.float32)
+    zz, yy, xx = np.mgrid[:30, :30, :30]
+    prob[(zz - 10) ** 2 + (yy - 10) ** 2 + (xx - 10) ** 2 <= 36] = 0.9
+    conf = map_confidence(prob, [[10, 10, 10], [22, 22, 22], [-50, 0, 0]], [8.0, 5.0, 3.0])
+    assert conf[0] == pytest.approx(0.9) and conf[1] == 0.0 and np.isnan(conf[2])

@@ -342,6 +342,38 @@ def match_centre(pred: VesicleTable, gt: VesicleTable) -> pd.DataFrame:
     })
 
 
+def step_recall(gt: VesicleTable, stages: dict[str, Any]) -> dict[str, float]:
+    """Recall of the ground-truth vesicles after each pipeline step, in the order given.
+
+    ``stages`` maps a step name to what that step produced (all on the grid of ``gt``, voxels):
+    a float array = probability map (a vesicle counts when p > 0.5 at its centre voxel); a bool
+    array = binary mask (centre voxel inside); an integer array = instance labels (one object per
+    vesicle: the GT centres inside an object count once, so merged vesicles are lost here); a
+    :class:`VesicleTable` = fitted spheres (one-to-one centre matching, :func:`match_centre`).
+    Locates every loss: a vesicle the map holds and a later step drops is lost by that step.
+    """
+    n = len(gt)
+    out: dict[str, float] = {}
+    if n == 0:
+        return {k: float("nan") for k in stages}
+    vox = np.rint(gt.centres).astype(np.int64)
+    for name, obj in stages.items():
+        if isinstance(obj, VesicleTable):
+            out[name] = len(match_centre(obj, gt)) / n
+            continue
+        arr = np.asarray(obj)
+        inside = np.all((vox >= 0) & (vox < np.asarray(arr.shape)), axis=1)
+        vals = np.zeros(n, dtype=arr.dtype)
+        vals[inside] = arr[tuple(vox[inside].T)]
+        if arr.dtype == bool:
+            out[name] = float(np.count_nonzero(vals)) / n
+        elif np.issubdtype(arr.dtype, np.floating):
+            out[name] = float(np.count_nonzero(vals > 0.5)) / n
+        else:
+            out[name] = len(np.unique(vals[vals > 0])) / n
+    return out
+
+
 def match_iou(pred: Any, gt: Any, threshold: float = 0.5, voxel_size: float | None = None) -> pd.DataFrame:
     """One-to-one Hungarian matching at IoU >= ``threshold``: columns pred_id, gt_id, iou.
 

@@ -95,6 +95,8 @@ class SegmentResult:
     outdir: Path | None = None
     stage_labels: dict[str, np.ndarray] = field(default_factory=dict)
     """Intermediate label volumes (global threshold, adaptive), kept only when asked for."""
+    stage_tables: dict[str, VesicleTable] = field(default_factory=dict)
+    """Intermediate vesicle tables (sphere fit, outlier QC), kept only when asked for."""
 
 
 class _Steps:
@@ -323,7 +325,7 @@ def _segment(
 ) -> SegmentResult:
     from cryoves.postprocess.adaptive import label_vesicles, rejoin_duplicate_pieces
     from cryoves.postprocess.masks import restrict_probability, vesicles_in_region
-    from cryoves.postprocess.outliers import repair
+    from cryoves.postprocess.outliers import map_confidence, repair
     from cryoves.postprocess.spheres import fit_spheres
     from cryoves.postprocess.threshold import global_threshold
 
@@ -382,8 +384,11 @@ def _segment(
         # pieces' fits compete with the whole object's, which loses vesicles cut by the volume border)
         labels = joined
         spheres, rej_fit = steps.run("refit", 0.85, fit_spheres, intensity, labels, vs)
+    spheres = spheres.with_df(spheres.df.assign(map_confidence=map_confidence(prob, spheres.centres, spheres.radii)))
+    stage_tables: dict[str, VesicleTable] = {}
     if keep_stages:
         stage_labels["spheres"] = spheres.to_labels(tomo.shape)
+        stage_tables["spheres"] = spheres
     vesicles, rej_repair = steps.run(
         "outliers",
         0.9,
@@ -394,6 +399,8 @@ def _segment(
         p_threshold=cfg.max_mahalanobis_p,
         min_correlation=cfg.min_profile_correlation,
     )
+    if keep_stages:
+        stage_tables["outliers"] = vesicles
     rej_region = None
     if cyto is not None:
         vesicles, rej_region = steps.run("region", 0.93, vesicles_in_region, vesicles, cyto)
@@ -425,7 +432,7 @@ def _segment(
         _write_outputs(out, tomo, vesicles, rejected, prob, final_labels, cyto, az, manifest, steps)
         if cfg.report and tomo.path is not None:
             steps.run("report", 0.99, _write_report, out)
-    return SegmentResult(vesicles, rejected, prob, final_labels, manifest, out, stage_labels)
+    return SegmentResult(vesicles, rejected, prob, final_labels, manifest, out, stage_labels, stage_tables)
 
 
 def _threshold_candidates(cfg: SegmentConfig, model: Any) -> np.ndarray:

@@ -23,7 +23,7 @@ import pandas as pd
 
 from cryoves.errors import InputError
 from cryoves.io.atomic import MANIFEST_NAME, atomic_path, write_text_atomic
-from cryoves.vesicles import VesicleTable
+from cryoves.vesicles import VesicleTable, qc_score
 
 log = logging.getLogger(__name__)
 
@@ -114,19 +114,10 @@ def radial_profile(volume: np.ndarray, centre: np.ndarray, r_max: float, step: f
     return (np.arange(n) + 0.5) * step, prof
 
 
-def _qc_score(df: pd.DataFrame) -> pd.Series:
-    """Lower is worse: the p-value when present, else the profile correlation, else 1."""
-    if "p_value" in df and df["p_value"].notna().any():
-        return df["p_value"].fillna(1.0)
-    if "profile_correlation" in df and df["profile_correlation"].notna().any():
-        return df["profile_correlation"].fillna(1.0)
-    return pd.Series(np.ones(len(df)), index=df.index)
-
-
 def plot_gallery(volume: np.ndarray, vesicles: pd.DataFrame, path: Path, n: int = GALLERY_SIZE) -> Path:
     """The ``n`` worst-scored vesicles: central XY and XZ slices with the fitted circle, and radial profile."""
     plt = _plt()
-    worst = vesicles.assign(_score=_qc_score(vesicles)).sort_values("_score").head(n)
+    worst = vesicles.assign(_score=qc_score(vesicles)).sort_values("_score", ascending=False, kind="stable").head(n)
     cols = 4
     rows = max(1, int(np.ceil(len(worst) / cols)))
     fig, axes = plt.subplots(rows, cols * 3, figsize=(cols * 6.3, rows * 2.2), squeeze=False)
@@ -162,7 +153,7 @@ def plot_gallery(volume: np.ndarray, vesicles: pd.DataFrame, path: Path, n: int 
         a_pr.axvline(v.radius, color="r", lw=0.8)
         a_pr.set_title(f"r={v.radius:.1f} vx, score={v._score:.2g}", fontsize=7)
         a_pr.tick_params(labelsize=6)
-    fig.suptitle("worst-scored vesicles (lowest p-value first): XY, XZ, radial profile (red: fitted radius)")
+    fig.suptitle("worst-scored vesicles (flagged, then highest QC score first): XY, XZ, radial profile (red: fitted radius)")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -31,8 +31,48 @@ QC_COLUMNS = {
     "fit_residual": float,
     "mahalanobis": float,
     "p_value": float,
+    "map_confidence": float,  # mean network probability inside 0.7 x radius
     "source": str,  # "auto" | "manual" | "ground_truth" | ...
+    "flags": str,  # QC doubts, ";"-separated (empty: none); flagged vesicles are reviewed first
 }
+
+#: Scales of the QC score: a Mahalanobis distance of 4 or a profile correlation of 0.3 scores 1.
+MAHALANOBIS_LIMIT = 4.0
+CORRELATION_LIMIT = 0.3
+#: Added per QC flag, so that flagged vesicles rank before every unflagged one.
+FLAG_WEIGHT = 100.0
+
+
+def qc_score(df: pd.DataFrame) -> np.ndarray:
+    """How doubtful each vesicle is (higher = review first; 0 when no QC is known).
+
+    The larger of ``mahalanobis / 4`` and ``(1 - profile_correlation) / 0.7`` (1 = at the limits the
+    pipeline once used for removal), plus ``FLAG_WEIGHT`` per entry of the ``flags`` column. The one
+    ranking used by the QC report's worst-vesicle gallery and the napari review queue.
+    """
+    n = len(df)
+    parts = []
+    if "mahalanobis" in df.columns:
+        parts.append(pd.to_numeric(df["mahalanobis"], errors="coerce").to_numpy(float) / MAHALANOBIS_LIMIT)
+    if "profile_correlation" in df.columns:
+        corr = pd.to_numeric(df["profile_correlation"], errors="coerce").to_numpy(float)
+        parts.append((1.0 - corr) / (1.0 - CORRELATION_LIMIT))
+    score = np.zeros(n)
+    if parts and n:
+        stacked = np.vstack(parts)
+        finite = np.isfinite(stacked)
+        score = np.where(finite.any(axis=0), np.max(np.where(finite, stacked, -np.inf), axis=0), 0.0)
+        score = np.maximum(score, 0.0)
+    if "flags" in df.columns:
+        score = score + FLAG_WEIGHT * np.array([len(flag_list(f)) for f in df["flags"]], dtype=float)
+    return score
+
+
+def flag_list(flags: Any) -> list[str]:
+    """The entries of one ``flags`` cell (empty list for "", NaN or None)."""
+    if not isinstance(flags, str):
+        return []
+    return [f for f in (part.strip() for part in flags.split(";")) if f]
 
 
 class VesicleTable:
@@ -91,8 +131,8 @@ class VesicleTable:
                     bad = df.loc[num.isna() & df[c].notna(), c].iloc[0]
                     raise FormatError(f"vesicle table column {c} holds a non-numeric value {bad!r}; fix or drop that column")
                 df[c] = num.astype(float)
-            elif c in df.columns:
-                df[c] = df[c].fillna("").astype(str)
+            elif c in df.columns:  # an all-empty text column reads back from CSV as float NaN
+                df[c] = df[c].astype(object).where(df[c].notna(), "").astype(str)
         vals = df[["z", "y", "x", "radius"]].to_numpy()
         if len(df) and not np.isfinite(vals).all():
             raise FormatError("vesicle table has missing or non-numeric centre/radius values; fix or drop those rows")

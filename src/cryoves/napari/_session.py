@@ -21,7 +21,7 @@ import pandas as pd
 
 from cryoves.errors import FormatError, InputError, OutputExistsError, ParameterError
 from cryoves.io.atomic import MANIFEST_NAME, write_json_atomic
-from cryoves.vesicles import VesicleTable, render_labels
+from cryoves.vesicles import VesicleTable, qc_score, render_labels
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,6 @@ RECOVERY_NAME = ".cryoves-review-recovery.json"
 REVIEW_DIRNAME = "reviewed"
 #: Columns of the rejected-candidates table (voxels; NaN when unknown) plus the review flag.
 REJECTED_COLUMNS = ["id", "z", "y", "x", "radius", "step", "reason"]
-#: Outlier limits from the pipeline's QC (Mahalanobis distance, radial-profile correlation).
-MAHALANOBIS_LIMIT = 4.0
-CORRELATION_LIMIT = 0.3
 #: Radius (nm) of a manually placed vesicle when neither the table nor the caller gives one.
 DEFAULT_RADIUS_NM = 20.0
 MAX_HISTORY = 1000
@@ -67,25 +64,8 @@ def default_fitter() -> Fitter | None:
 
 
 def qc_scores(df: pd.DataFrame) -> np.ndarray:
-    """Outlier score per row (≥ 1: outlier by the pipeline's limits; 0 when no QC is known).
-
-    The score is the larger of ``mahalanobis / 4`` and ``(1 - profile_correlation) / 0.7``.
-    """
-    n = len(df)
-    parts = []
-    if "mahalanobis" in df.columns:
-        parts.append(pd.to_numeric(df["mahalanobis"], errors="coerce").to_numpy(float) / MAHALANOBIS_LIMIT)
-    if "profile_correlation" in df.columns:
-        corr = pd.to_numeric(df["profile_correlation"], errors="coerce").to_numpy(float)
-        parts.append((1.0 - corr) / (1.0 - CORRELATION_LIMIT))
-    if not parts or n == 0:
-        return np.zeros(n)
-    stacked = np.vstack(parts)
-    with np.errstate(all="ignore"):
-        score = np.where(
-            np.isfinite(stacked).any(axis=0), np.nanmax(np.where(np.isfinite(stacked), stacked, -np.inf), axis=0), 0.0
-        )
-    return np.maximum(score, 0.0)
+    """Outlier score per row: :func:`cryoves.vesicles.qc_score` (flagged vesicles first)."""
+    return qc_score(df)
 
 
 def _empty_rejected() -> pd.DataFrame:

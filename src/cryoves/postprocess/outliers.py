@@ -1,14 +1,22 @@
 """Outlier detection and repair of fitted spheres.
 
-Order of the steps in :func:`repair`:
+A doubtful fit is *flagged* (kept, with the reason in the ``flags`` column; the review queue shows
+flagged vesicles first) instead of removed when it is **supported**: the network is confident
+inside it (``map_confidence``, mean probability within 0.7 x radius, >= ``min_map_confidence``) and
+its radial profile shows a membrane (contrast above the population's limit, seen in at least half
+of the directions). Unsupported candidates are removed as before. Order of the steps in :func:`repair`:
 
-1. profile-correlation filter (Spearman correlation with the median profile);
+1. profile correlation (Spearman correlation with the median profile) at or below
+   ``min_correlation`` or below the population's lower fence (median - 4 robust SD): flagged when
+   supported, removed otherwise (removal only below both limits);
 2. membrane-contrast filter, relative to the median contrast (objects without a visible membrane);
 3. Mahalanobis test on (radius_nm, membrane_thickness_nm, membrane_density). The p-value is computed
    on D^2 with df = 3 (three features; the original used D instead of D^2, with df = 2): chi2(3)
    asymptotically, by default its exact finite-sample (Hotelling T^2 / F) form for the leave-one-out
    D^2 so that small tomograms are not over-flagged. Outliers are re-fitted with boxes grown by
-   ``regrow_step`` voxels per try (at most ``max_regrow``) and removed when they never pass;
+   ``regrow_step`` voxels per try (at most ``max_regrow``); those that never pass are flagged when
+   supported (a heavy-tailed feature distribution is no reason to lose a well-fitted vesicle) and
+   removed otherwise;
 4. overlaps: duplicates (a centre inside another sphere with more membrane evidence, see
    :func:`membrane_evidence`) are removed, the remaining intersecting
    spheres shrunk so that no two intersect (pairs from a cKDTree);
@@ -296,6 +304,66 @@ def membrane_evidence(df: pd.DataFrame) -> np.ndarray:
     return q
 
 
+def map_confidence(prob: np.ndarray, centres: np.ndarray, radii: np.ndarray, fraction: float = 0.7) -> np.ndarray:
+    """Mean of ``prob`` (z, y, x) over the voxels within ``fraction`` x radius of each centre (voxels).
+
+    How sure the network is that the sphere holds a vesicle (its probability covers the lumen).
+    NaN where no voxel of the inner ball lies in the volume.
+    """
+    centres = np.asarray(centres, float).reshape(-1, 3)
+    radii = np.asarray(radii, float).reshape(-1)
+    out = np.full(len(radii), np.nan)
+    shape = np.asarray(prob.shape)
+    for k, (c, r) in enumerate(zip(centres, radii)):
+        rr = max(fraction * r, 0.5)
+        lo = np.maximum(np.floor(c - rr).astype(int), 0)
+        hi = np.minimum(np.ceil(c + rr).astype(int) + 1, shape)
+        if np.any(hi <= lo):
+            continue
+        g = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        ball = sum((gi - ci) ** 2 for gi, ci in zip(g, c)) <= rr * rr
+        if ball.any():
+            out[k] = float(np.asarray(prob[tuple(slice(a, b) for a, b in zip(lo, hi))], np.float64)[ball].mean())
+    return out
+
+
+def _supported(df: pd.DataFrame, min_map_confidence: float, contrast_limit: float) -> np.ndarray:
+    """Rows whose fit has a confident map and a visible membrane (see the module docstring)."""
+    n = len(df)
+    if "map_confidence" not in df.columns:
+        return np.zeros(n, bool)
+    conf = df["map_confidence"].to_numpy(float)
+    ok = np.isfinite(conf) & (conf >= min_map_confidence)
+    if "membrane_contrast" in df.columns and np.isfinite(contrast_limit):
+        con = df["membrane_contrast"].to_numpy(float)
+        ok &= np.isfinite(con) & (con >= contrast_limit)
+    if "membrane_coverage" in df.columns:
+        cov = df["membrane_coverage"].to_numpy(float)
+        ok &= ~(np.isfinite(cov) & (cov < 0.5))
+    return ok
+
+
+def _add_flags(df: pd.DataFrame, mask: np.ndarray, reasons) -> None:
+    """Append ``reasons`` (one per selected row, or one for all) to the ``flags`` column in place."""
+    idx = np.flatnonzero(mask)
+    if not len(idx):
+        return
+    reasons = [reasons] * len(idx) if isinstance(reasons, str) else list(reasons)
+    col = df["flags"].to_numpy(object).copy()
+    for i, why in zip(idx, reasons):
+        col[i] = f"{col[i]}; {why}" if col[i] else why
+    df["flags"] = col
+
+
+def _population_fence(values: np.ndarray, k: float = 4.0) -> float:
+    """Lower fence median - k x robust SD (1.4826 MAD) of the finite ``values`` (-inf if < 5)."""
+    v = values[np.isfinite(values)]
+    if len(v) < 5:
+        return -np.inf
+    med = float(np.median(v))
+    return med - k * 1.4826 * float(np.median(np.abs(v - med)))
+
+
 def repair(
     table: VesicleTable,
     intensity: np.ndarray | None = None,
@@ -305,6 +373,7 @@ def repair(
     exact: bool = True,
     min_correlation: float = 0.3,
     min_contrast_fraction: float = 0.35,
+    min_map_confidence: float = 0.5,
     min_coverage: float = 0.0,
     regrow: bool = True,
     max_regrow: int = 10,
@@ -316,8 +385,11 @@ def repair(
     """Remove or repair outlier spheres; returns (VesicleTable, rejected table).
 
     ``table`` comes from :func:`cryoves.postprocess.spheres.fit_spheres`; ``intensity`` is the raw
-    tomogram (z, y, x; dense = dark), needed only to re-fit outliers (``regrow``). Vesicles with
-    profile correlation <= ``min_correlation`` are removed, and (with 3 or more vesicles) those whose
+    tomogram (z, y, x; dense = dark), needed only to re-fit outliers (``regrow``). Supported fits
+    (``map_confidence`` >= ``min_map_confidence`` and a visible membrane, see the module docstring)
+    are flagged instead of removed by the correlation and Mahalanobis tests; without a
+    ``map_confidence`` column nothing is supported. Vesicles with profile correlation <=
+    ``min_correlation`` (and below the population's fence) are removed, and (with 3 or more vesicles) those whose
     membrane_contrast is below ``min_contrast_fraction`` x the median (objects without a visible
     membrane: the other features of such fits are meaningless); with ``min_coverage`` > 0, those whose
     membrane is seen in fewer directions (membrane_coverage; off by default: on the simulator the
@@ -341,16 +413,29 @@ def repair(
             df[c] = np.nan
     rejected: list[pd.DataFrame] = []
 
-    corr = df["profile_correlation"].to_numpy(float)
-    bad = np.isfinite(corr) & (corr <= min_correlation)
-    df = _drop(df, bad, "correlation", [f"profile correlation {c:.2f} <= {min_correlation:g}" for c in corr[bad]], rejected)
-
+    if "flags" not in df.columns:
+        df["flags"] = ""
+    df["flags"] = df["flags"].fillna("").astype(str)
+    contrast_limit = -np.inf
     if "membrane_contrast" in df.columns and min_contrast_fraction > 0 and len(df) >= 3:
         con = df["membrane_contrast"].to_numpy(float)
         ref = float(np.nanmedian(con)) if np.isfinite(con).any() else np.nan
-        weak = np.zeros(len(df), bool)
         if np.isfinite(ref) and ref > 0:
-            weak = np.isfinite(con) & (con < min_contrast_fraction * ref)
+            contrast_limit = min_contrast_fraction * ref
+
+    corr = df["profile_correlation"].to_numpy(float)
+    fence = _population_fence(corr)
+    low = np.isfinite(corr) & ((corr <= min_correlation) | (corr < fence))
+    supported = _supported(df, min_map_confidence, contrast_limit)
+    # removal needs both limits: a noisy tomogram (wide spread of correlations) loses fewer candidates
+    remove_at = min(min_correlation, fence) if np.isfinite(fence) else min_correlation
+    bad = low & ~supported & (corr <= remove_at)
+    _add_flags(df, low & ~bad, [f"profile correlation {c:.2f}" for c in corr[low & ~bad]])
+    df = _drop(df, bad, "correlation", [f"profile correlation {c:.2f} <= {min_correlation:g}" for c in corr[bad]], rejected)
+
+    if np.isfinite(contrast_limit):
+        con = df["membrane_contrast"].to_numpy(float)
+        weak = np.isfinite(con) & (con < contrast_limit)
         reasons = [
             f"membrane contrast {c:.2f} < {min_contrast_fraction:g} x median {ref:.2f} (no clear membrane)"
             for c in con[weak]
@@ -375,14 +460,19 @@ def repair(
             failed, fail_p = _refit_outliers(
                 df, intensity, idx, scorer, nm, p_threshold, fit_options or FitOptions(), max_regrow, regrow_step
             )
-            log.info("outliers: %d re-fitted successfully, %d removed", len(idx) - len(failed), len(failed))
+            log.info("outliers: %d re-fitted successfully, %d still outliers", len(idx) - len(failed), len(failed))
             suffix = " after re-fits with larger boxes"
         else:
             failed, fail_p, suffix = idx, list(pval[idx]), ""
         mask = np.zeros(len(df), bool)
         mask[failed] = True
-        reasons = [f"Mahalanobis outlier (p = {p:.2g} < {p_threshold:g}){suffix}" for p in fail_p]
-        df = _drop(df, mask, "outlier", reasons, rejected)
+        reasons = np.array([f"Mahalanobis outlier (p = {p:.2g} < {p_threshold:g}){suffix}" for p in fail_p], dtype=object)
+        keep = _supported(df, min_map_confidence, contrast_limit)[failed]
+        flag = np.zeros(len(df), bool)
+        flag[np.asarray(failed, int)[keep]] = True
+        _add_flags(df, flag, [f"Mahalanobis outlier (p = {p:.2g})" for p in np.asarray(fail_p, float)[keep]])
+        mask &= ~flag
+        df = _drop(df, mask, "outlier", list(reasons[~keep]), rejected)
 
     if resolve_overlap and len(df) > 1:
         centres, radii = df[["z", "y", "x"]].to_numpy(), df["radius"].to_numpy()

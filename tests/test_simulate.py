@@ -13,7 +13,7 @@ from cryoves.cli import app
 from cryoves.errors import OutputExistsError, ParameterError
 from cryoves.simulate import SimulationConfig, randomize_config, simulate, write_simulation
 from cryoves.simulate.geometry import layout_scene
-from cryoves.simulate.imaging import back_project, project, tilt_series
+from cryoves.simulate.imaging import back_project, electron_wavelength_a, project, tilt_series
 from cryoves.simulate.scene import HEADGROUP_V, LEAFLET_SIGMA_NM, TAIL_V, render_scene
 from cryoves.vesicles import VesicleTable
 
@@ -322,3 +322,119 @@ def test_gold_fiducials_sit_on_ice_surfaces_are_dark_and_not_ground_truth():
         assert sim.labels[z, y, x] == 0
     assert set(sim.vesicles.df["population"]) == {"sv"}
     assert simulate(cfg.replace(ice_thickness_nm=200.0), seed=1).distractors["kind"].ne("gold").all()
+
+
+# ----------------------------------------------------------------------------- hard cases
+def _digest(a: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+
+
+def test_new_features_off_by_default_keep_small_preset_bit_identical(small):
+    # hashes computed on the simulator before coats, CTF correction and dense placement existed
+    cfg = small.config
+    assert cfg.coat_fraction == 0 and cfg.ctf_correction == "none"
+    assert _digest(small.tomogram.data) == "2e1d5951e15dc284"
+    assert _digest(small.scene) == "1c392472e3867926"
+    assert _digest(small.vesicles.df[["z", "y", "x", "radius"]].to_numpy()) == "7a664b5de4e1d4c0"
+
+
+def _shell_profile(pot: np.ndarray, centres_nm, radii_nm, v: float, edges) -> np.ndarray:
+    """Mean of ``pot`` in shells of distance (nm) from each sphere surface: (n_spheres, n_bins)."""
+    z, y, x = np.meshgrid(*[np.arange(n) * v for n in pot.shape], indexing="ij", sparse=True)
+    out = []
+    for c, r in zip(centres_nm, radii_nm):
+        d = np.sqrt((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) - r
+        sel = (d > edges[0]) & (d < edges[-1])
+        s, _ = np.histogram(d[sel], edges, weights=pot[sel])
+        n, _ = np.histogram(d[sel], edges)
+        out.append(s / np.maximum(n, 1))
+    return np.array(out)
+
+
+def test_coat_density_lies_outside_the_ground_truth_radius():
+    cfg = SimulationConfig.preset("small", voxel_size_a=10.0, shape=(64, 96, 96), n_vesicles=6, distractors=False,
+                                  connectors=False, tethers=False, coat_transmembrane_fraction=0.0)
+    out = {}
+    for frac in (0.0, 0.5):
+        rng = np.random.default_rng(4)
+        lay = layout_scene(cfg.replace(coat_fraction=frac), rng)
+        out[frac] = (lay, render_scene(cfg.replace(coat_fraction=frac), lay, rng).potential)
+    (lay0, pot0), (lay1, pot1) = out[0.0], out[0.5]
+    assert np.array_equal(lay0.centres_nm, lay1.centres_nm) and np.array_equal(lay0.radii_nm, lay1.radii_nm)
+    edges = np.array([-12.0, -6.0, -1.0, 0.5, 4.5, 9.0])
+    excess = _shell_profile(pot1 - pot0, lay0.centres_nm, lay0.radii_nm, cfg.voxel_size_nm, edges)
+    coated = excess[:, 3] > 0.2  # shell 0.5–4.5 nm beyond the outer bilayer edge
+    assert coated.any() and (~coated).any()
+    assert excess[coated, 3].mean() > 0.4  # V: the coat reaches beyond the GT radius
+    assert np.abs(excess[:, 0]).max() < 0.01  # nothing in the lumen
+    assert excess[coated, 1].max() < 0.25 * excess[coated, 3].min()  # only blob tails inside the edge
+    assert excess[~coated, 3].max() < 0.1  # uncoated vesicles: at most a neighbour's blob tail
+    assert excess[coated, 4].mean() < 0.5 * excess[coated, 3].mean()  # thins out beyond ~5 nm
+
+
+def test_phase_flip_restores_contrast_beyond_the_first_ctf_zero():
+    cfg = SimulationConfig.preset("small", voxel_size_a=14.0, defocus_um=7.0, noise=False, radial_cutoff=0.5,
+                                  n_vesicles=8)
+    k = np.sqrt(sum(g**2 for g in np.meshgrid(*[np.fft.fftfreq(n) for n in cfg.shape[:2]],
+                                               np.fft.rfftfreq(cfg.shape[2]), indexing="ij")))
+    first_zero = cfg.voxel_size_a / np.sqrt(electron_wavelength_a(300.0) * 7e4)  # cycles/voxel (Cs negligible)
+    corr, prof = {}, {}
+    for cc in ("none", "phase-flip"):
+        sim = simulate(cfg.replace(ctf_correction=cc), seed=1)
+        a, b = np.fft.rfftn(sim.tomogram.data), np.fft.rfftn(sim.scene)
+        band = []
+        for lo, hi in ((0.05, 0.25), (first_zero + 0.02, 0.5)):
+            m = (k >= lo) & (k < hi)
+            cross = np.real((a[m] * np.conj(b[m])).sum())
+            band.append(cross / np.sqrt((abs(a[m]) ** 2).sum() * (abs(b[m]) ** 2).sum()))
+        corr[cc] = band
+        t = sim.vesicles.df
+        prof[cc] = _shell_profile(sim.tomogram.data, t[["z_nm", "y_nm", "x_nm"]].to_numpy(), t["radius_nm"].to_numpy(),
+                                  cfg.voxel_size_nm, np.array([-4.5, 0.0])).mean()
+    assert abs(corr["none"][0] - corr["phase-flip"][0]) < 0.03  # below the first zero: unchanged
+    assert corr["none"][1] < -0.2 < 0.3 < corr["phase-flip"][1]  # beyond it: reversed, then restored
+    assert prof["none"] < -0.3 and prof["phase-flip"] < -0.3  # membranes stay dark
+
+
+def test_dense_pool_preset_packs_vesicles_with_small_gaps():
+    sim = simulate(SimulationConfig.preset("dense-pool", shape=(64, 128, 128), tilt_step_deg=4.0), seed=2)
+    cfg, t = sim.config, sim.vesicles.df
+    c, r = t[["z_nm", "y_nm", "x_nm"]].to_numpy(), t["radius_nm"].to_numpy()
+    gaps = np.linalg.norm(c[:, None] - c[None], axis=2) - r[:, None] - r[None]
+    np.fill_diagonal(gaps, np.inf)
+    nearest = gaps.min(axis=1)
+    fraction = ((sim.labels > 0) & sim.cytoplasm_mask).sum() / sim.cytoplasm_mask.sum()
+    assert len(t) >= 40 and fraction > 0.18
+    assert nearest.min() >= cfg.gap_min_nm - 1e-6 and np.median(nearest) < 3.0
+    assert cfg.coat_fraction > 0 and cfg.reconstruction == "sirt-like" and cfg.tilt_max_deg == 50
+
+
+def test_hard_presets_and_randomized_new_fields():
+    unc, pf = SimulationConfig.preset("uncorrected"), SimulationConfig.preset("phase-flipped")
+    assert unc.ctf_correction == "none" and pf == unc.replace(ctf_correction="phase-flip")
+    assert 12 <= unc.voxel_size_a <= 16 and 6 <= unc.defocus_um <= 8 and unc.dose_e_per_a2 <= 60
+    cfgs = [randomize_config(s, shape=(32, 48, 48)) for s in range(40)]
+    coat = [c.coat_fraction for c in cfgs]
+    assert min(coat) == 0 and 0.4 < max(coat) <= 0.8
+    assert {c.ctf_correction for c in cfgs} == {"none", "phase-flip"}
+    assert max(c.vesicle_volume_fraction for c in cfgs) > 0.2 and min(c.gap_min_nm for c in cfgs) < 1.2
+    assert all(c.dose_e_per_a2 >= 40 for c in cfgs) and min(c.dose_e_per_a2 for c in cfgs) < 60
+    # earlier fields keep their values for a seed (drawn before the new ones): seed 0 as before
+    c0 = cfgs[0]
+    before = (22.3, 9.472348127649997, 128.58357968757133, 0.1889623120439206, 2.459310892859888)
+    now = (c0.voxel_size_a, c0.defocus_um, c0.dose_e_per_a2, c0.vesicle_volume_fraction, c0.gap_min_nm)
+    assert now == pytest.approx(before, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("coat_fraction", 1.5, "coat_fraction"), ("coat_transmembrane_fraction", -0.1, "coat_transmembrane_fraction"),
+     ("coat_density_per_100nm2", -1.0, "coat density"), ("coat_thickness_nm", 0.5, "coat thickness"),
+     ("ctf_correction", "wiener", "ctf correction"), ("vesicle_volume_fraction", 0.9, "volume fraction"),
+     ("max_vesicles", 0, "max_vesicles"), ("placement_tries", 0, "placement_tries")],
+)
+def test_new_fields_are_validated(field, value, message):
+    with pytest.raises(ParameterError, match=message):
+        SimulationConfig.preset("small", **{field: value})

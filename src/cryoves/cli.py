@@ -295,7 +295,7 @@ def segment_cmd(
 @app.command("simulate")
 def simulate_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (created).")],
-    preset: Annotated[str, typer.Option("--preset", help="synapse, small, large-vesicles or dense-core.")] = "synapse",
+    preset: Annotated[str, typer.Option("--preset", help="synapse, small, large-vesicles, dense-core, dense-pool, uncorrected or phase-flipped.")] = "synapse",
     randomize: Annotated[bool, typer.Option("--randomize", help="Draw all settings from broad ranges (seeded).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same tomogram.")] = 0,
     shape: Annotated[

@@ -20,6 +20,7 @@ MIN_SIM_VOXEL_A = 5.0
 MAX_SIM_VOXEL_A = 50.0
 POST_FILTERS = ("none", "gaussian", "diffusion")
 RECONSTRUCTIONS = ("wbp", "sirt-like")
+CTF_CORRECTIONS = ("none", "phase-flip")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,15 @@ class SimulationConfig:
         cluster_neighbour_prob: chance that a new SV is placed right next to an existing one.
         cluster_distance_nm: mean distance of free SVs from the plasma membrane (exponential).
         docked_fraction: share of SVs placed touching the active zone (gap 0.5–3 nm).
+        max_vesicles: cap on the SV count derived from ``vesicle_volume_fraction``.
+        placement_tries: random positions tried per clustered vesicle before it is given up
+            (more tries pack a dense pool closer to the requested fraction; other vesicles get 150).
+        coat_fraction: share of SVs carrying surface proteins (0 = no coats).
+        coat_density_per_100nm2: protein blobs per 100 nm² of a coated SV's outer surface.
+        coat_thickness_nm: how far the blobs reach beyond the outer bilayer edge (nm); the
+            ground-truth radius stays the outer edge of the lipid bilayer.
+        coat_transmembrane_fraction: share of coat blobs centred inside the outer leaflet
+            (transmembrane-like), protruding only ~1–3 nm.
         plasma_membrane, pm_angle_deg, pm_position, pm_curvature_per_um, pm_thickness_nm: the
             presynaptic membrane: a curved sheet through the whole ice, seen as a line in XY;
             its normal lies in the XY plane at ``pm_angle_deg`` from +x; ``pm_position`` is its
@@ -100,6 +110,8 @@ class SimulationConfig:
         motion_blur_nm: sd of a Gaussian image blur from beam-induced motion.
         radiation_damage: attenuate each tilt for the dose received before it (dose-symmetric
             order, critical-exposure model of Grant & Grigorieff).
+        ctf_correction: "none" (the CTF stays in the images: fringes around dense edges) or
+            "phase-flip" (each tilt image's phases are flipped where the CTF is negative).
         reconstruction: "wbp" (weighted back-projection, ramp filter) or "sirt-like"
             (ramp filter modified to mimic ``sirt_iterations`` SIRT iterations).
         radial_cutoff, radial_falloff: Gaussian roll-off of the filter (cycles/pixel, as IMOD).
@@ -124,6 +136,13 @@ class SimulationConfig:
     cluster_neighbour_prob: float = 0.6
     cluster_distance_nm: float = 120.0
     docked_fraction: float = 0.05
+    max_vesicles: int = 800
+    placement_tries: int = 40
+    # --- surface proteins on SVs (off by default)
+    coat_fraction: float = 0.0
+    coat_density_per_100nm2: float = 2.0
+    coat_thickness_nm: float = 5.0
+    coat_transmembrane_fraction: float = 0.2
     # --- membranes
     plasma_membrane: bool = True
     pm_angle_deg: float = 0.0
@@ -163,6 +182,7 @@ class SimulationConfig:
     alignment_error_nm: float = 0.5
     motion_blur_nm: float = 0.5
     radiation_damage: bool = True
+    ctf_correction: str = "none"
     reconstruction: str = "wbp"
     sirt_iterations: int = 15
     radial_cutoff: float = 0.35
@@ -211,6 +231,27 @@ class SimulationConfig:
             raise ParameterError(f"ice thickness {self.ice_thickness_nm:g} nm must be in [10, 2000] nm")
         if self.n_vesicles is not None and self.n_vesicles < 0:
             raise ParameterError("n_vesicles must be >= 0")
+        if self.max_vesicles < 1 or self.placement_tries < 1:
+            raise ParameterError(
+                f"max_vesicles ({self.max_vesicles}) and placement_tries ({self.placement_tries}) must be >= 1"
+            )
+        if not 0 <= self.vesicle_volume_fraction <= 0.6:
+            raise ParameterError(
+                f"vesicle volume fraction {self.vesicle_volume_fraction:g} must be in [0, 0.6]"
+            )
+        for name in ("coat_fraction", "coat_transmembrane_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ParameterError(f"{name} {getattr(self, name):g} must be in [0, 1]")
+        if not 0 <= self.coat_density_per_100nm2 <= 20:
+            raise ParameterError(
+                f"coat density {self.coat_density_per_100nm2:g} per 100 nm² must be in [0, 20]"
+            )
+        if not 1 <= self.coat_thickness_nm <= 20:
+            raise ParameterError(f"coat thickness {self.coat_thickness_nm:g} nm must be in [1, 20] nm")
+        if self.ctf_correction not in CTF_CORRECTIONS:
+            raise ParameterError(
+                f"ctf correction '{self.ctf_correction}' unknown; use one of {CTF_CORRECTIONS}"
+            )
 
     # ------------------------------------------------------------------ derived
     @property
@@ -259,6 +300,13 @@ class SimulationConfig:
         few vesicles, for unit tests (< 3 s).
         "large-vesicles": synapse plus large 50–150 nm vesicles. "dense-core": synapse plus
         dense-core vesicles.
+        Hard cases (default shapes are moderate; benchmarks set their own shape / voxel size):
+        "dense-pool": 128×256×256 at 22 Å, SVs fill 22 % of the presynaptic cytosol with
+        1–3 nm gaps (~900 SVs at 200×400×400), half of them coated, tilt ±50°, SIRT-like,
+        60 e/Å². "uncorrected": 96×192×192 at 14 Å, 7.5 µm underfocus without CTF correction
+        (contrast reversed beyond the first CTF zero, kept by a 0.45 radial cutoff), 50 e/Å²,
+        half the SVs coated, a dense-ish pool (16 %, 1.5–5 nm gaps). "phase-flipped": the same
+        with ``ctf_correction="phase-flip"``.
         """
         if name not in PRESETS:
             raise ParameterError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
@@ -284,17 +332,52 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "large-vesicles": {"populations": (large_vesicle_population(6),)},
     "dense-core": {"populations": (dense_core_population(8),)},
+    "dense-pool": {
+        "shape": (128, 256, 256),
+        "vesicle_volume_fraction": 0.22,
+        "gap_min_nm": 1.0,
+        "gap_max_nm": 3.0,
+        "cluster_neighbour_prob": 0.9,
+        "max_vesicles": 2500,
+        "placement_tries": 200,
+        "coat_fraction": 0.5,
+        "coat_density_per_100nm2": 3.0,
+        "tilt_min_deg": -50.0,
+        "tilt_max_deg": 50.0,
+        "reconstruction": "sirt-like",
+        "dose_e_per_a2": 60.0,
+    },
 }
+PRESETS["uncorrected"] = {
+    "shape": (96, 192, 192),
+    "voxel_size_a": 14.0,
+    "defocus_um": 7.5,
+    "ctf_correction": "none",
+    "radial_cutoff": 0.45,
+    "dose_e_per_a2": 50.0,
+    "vesicle_volume_fraction": 0.16,
+    "gap_min_nm": 1.5,
+    "gap_max_nm": 5.0,
+    "cluster_neighbour_prob": 0.8,
+    "max_vesicles": 2500,
+    "placement_tries": 100,
+    "coat_fraction": 0.5,
+    "coat_density_per_100nm2": 3.0,
+}
+PRESETS["phase-flipped"] = {**PRESETS["uncorrected"], "ctf_correction": "phase-flip"}
 
 
 def randomize_config(rng_or_seed: Any = None, shape: tuple[int, int, int] | None = None) -> SimulationConfig:
     """Draw a configuration from broad ranges (domain randomisation for training).
 
-    Voxel size 8–40 Å, defocus 2–10 µm, dose 60–180 e/Å² (DQE 0.25–0.8), tilt range ±45–±70°
-    at 1.5–4°,
-    B-factor 50–1500 Å², reconstruction and post-filter, crowding 0.3–2, SV radius mean 15–28 nm
-    and sd 1.5–5 nm, gaps, membrane orientation/curvature, extra populations. ``shape`` defaults
-    to (128, 192, 192).
+    Voxel size 8–40 Å, defocus 2–10 µm, dose 60–180 e/Å² (a fifth of the draws 40–60 e/Å²;
+    DQE 0.25–0.8), tilt range ±45–±70° at 1.5–4°, B-factor 50–1500 Å², reconstruction and
+    post-filter, CTF correction (a third phase-flipped), crowding 0.3–2, SV radius mean 15–28 nm
+    and sd 1.5–5 nm, volume fraction 3–20 % (a fifth of the draws: a dense pool of 15–25 % with
+    1–1.5 nm minimum gaps), gaps, coats on half of the draws (coat_fraction 0.1–0.8, 1–4 blobs
+    per 100 nm², 2–8 nm thick), membrane orientation/curvature, extra populations. ``shape``
+    defaults to (128, 192, 192). Fields added later are drawn after the earlier ones, so a seed
+    keeps its earlier values unless a dense pool or low dose is drawn for it.
     """
     rng = np.random.default_rng(rng_or_seed)
     shape = (128, 192, 192) if shape is None else tuple(int(s) for s in shape)
@@ -309,7 +392,7 @@ def randomize_config(rng_or_seed: Any = None, shape: tuple[int, int, int] | None
     radius_mean = float(rng.uniform(15, 28))
     thickness = float(rng.uniform(3.5, 6.0))
     filt = str(rng.choice(["none", "none", "gaussian", "diffusion"]))
-    return SimulationConfig(
+    fields: dict[str, Any] = dict(
         shape=shape,
         voxel_size_a=round(vs, 3),
         ice_thickness_nm=float(rng.uniform(0.5, 1.6) * shape[0] * vs / 10.0),
@@ -360,3 +443,23 @@ def randomize_config(rng_or_seed: Any = None, shape: tuple[int, int, int] | None
         post_filter_sigma_nm=float(rng.uniform(0.5, 1.5)) * vs / 10.0,
         diffusion_iterations=int(rng.integers(2, 10)),
     )
+    # --- later additions: drawn after everything above, so that a seed keeps its earlier values
+    # (a dense pool or low dose, when drawn, overrides them)
+    coated = rng.random() < 0.5
+    fields.update(
+        coat_fraction=float(rng.uniform(0.1, 0.8)) if coated else 0.0,
+        coat_density_per_100nm2=float(rng.uniform(1.0, 4.0)),
+        coat_thickness_nm=float(rng.uniform(2.0, 8.0)),
+        coat_transmembrane_fraction=float(rng.uniform(0.0, 0.4)),
+        ctf_correction=str(rng.choice(["none", "none", "phase-flip"])),
+    )
+    if rng.random() < 0.2:  # a dense pool: 15–25 % SVs, 1–3 nm gaps between neighbours
+        gap_min = float(rng.uniform(1.0, 1.5))
+        fields.update(
+            vesicle_volume_fraction=float(rng.uniform(0.15, 0.25)), gap_min_nm=gap_min,
+            gap_max_nm=gap_min + float(rng.uniform(1.5, 3.0)),
+            cluster_neighbour_prob=float(rng.uniform(0.8, 0.95)), max_vesicles=2500, placement_tries=200,
+        )
+    if rng.random() < 0.2:  # low dose
+        fields["dose_e_per_a2"] = float(rng.uniform(40.0, 60.0))
+    return SimulationConfig(**fields)

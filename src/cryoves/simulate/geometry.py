@@ -397,11 +397,11 @@ def _auto_count(cfg, box, ice, membrane) -> int:
     share = 1.0 if membrane is None else float((membrane.signed_distance(z, y, x) < 0).mean())
     vol = share * (ice[1] - ice[0]) * box[1] * box[2]
     mean_vol = 4 / 3 * np.pi * (cfg.radius_mean_nm**3 + 3 * cfg.radius_mean_nm * cfg.radius_sd_nm**2)
-    return int(min(800, max(1, round(cfg.vesicle_volume_fraction * vol / mean_vol))))
+    return int(min(cfg.max_vesicles, max(1, round(cfg.vesicle_volume_fraction * vol / mean_vol))))
 
 
 def _place_one(placer, cfg, rng, membrane, cluster_centre, box, ice, r, clustered) -> bool:
-    for _ in range(40 if clustered else 150):
+    for _ in range(cfg.placement_tries if clustered else 150):
         pm_gap = cfg.gap_min_nm
         if clustered and len(placer.radii) and rng.random() < cfg.cluster_neighbour_prob:
             j = int(rng.integers(len(placer.radii)))

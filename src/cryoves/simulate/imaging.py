@@ -95,6 +95,34 @@ def ctf_transfer(shape_yx: tuple[int, int], cfg: SimulationConfig) -> np.ndarray
     return (np.exp(1j * chi) * np.exp(-cfg.bfactor_a2 * k2 / 4)).astype(np.complex64)
 
 
+def ctf_sign(shape_yx: tuple[int, int], cfg: SimulationConfig) -> np.ndarray:
+    """Sign (±1, float32) of the weak-object contrast transfer sinχ + a·cosχ on an FFT grid.
+
+    A weak phase object φ with amplitude contrast gives intensity ≈ 1 - 2 (sinχ + a cosχ)·φ
+    (a = A/√(1 - A²), the transfer of :func:`ctf_transfer` and :func:`tilt_series`), so dense
+    material is dark wherever this is positive; multiplying an image's spectrum by the sign makes
+    it dark at every frequency (phase flipping).
+    """
+    h = ctf_transfer(shape_yx, cfg)
+    a = cfg.amplitude_contrast / np.sqrt(1 - cfg.amplitude_contrast**2)
+    return np.where(h.imag + a * h.real < 0, -1.0, 1.0).astype(np.float32)
+
+
+def phase_flip(images: np.ndarray, cfg: SimulationConfig) -> np.ndarray:
+    """CTF correction by phase flipping of each (mean-normalised) tilt image (n_tilts, y, x).
+
+    Images are reflect-padded like in :func:`tilt_series` so that the flip does not wrap around.
+    """
+    nt, ny, nx = images.shape
+    pad = min(32, ny // 4, nx // 4)
+    flip = ctf_sign((ny + 2 * pad, nx + 2 * pad), cfg)
+    out = np.empty_like(images, dtype=np.float32)
+    for t in range(nt):
+        img = np.pad(images[t].astype(np.float64), pad, mode="reflect")
+        out[t] = sfft.ifft2(sfft.fft2(img) * flip).real[pad:pad + ny, pad:pad + nx]
+    return out
+
+
 def tilt_series(
     potential: np.ndarray, cfg: SimulationConfig, rng: np.random.Generator | None, ice_nm: float
 ) -> np.ndarray:
@@ -167,7 +195,12 @@ def reconstruction_filter(n: int, cfg: SimulationConfig) -> np.ndarray:
 
 
 def reconstruct(images: np.ndarray, cfg: SimulationConfig, nz: int) -> np.ndarray:
-    """Weighted back-projection of (n_tilts, y, x) images into (nz, y, x), float32."""
+    """Weighted back-projection of (n_tilts, y, x) images into (nz, y, x), float32.
+
+    With ``cfg.ctf_correction == "phase-flip"`` the images are phase-flipped first.
+    """
+    if cfg.ctf_correction == "phase-flip":
+        images = phase_flip(images, cfg)
     nt, ny, nx = images.shape
     npad = int(sfft.next_fast_len(2 * nx))
     filt = reconstruction_filter(npad, cfg)

@@ -173,6 +173,8 @@ def render_scene(cfg: SimulationConfig, lay: Layout, rng: np.random.Generator) -
     if cfg.connectors or cfg.tethers:
         _add_connectors(cfg, lay, splats, rng)
     _render_vesicles(lay, pot, v, shape, mean_crowd, rng)
+    if cfg.coat_fraction > 0 and cfg.coat_density_per_100nm2 > 0:  # last draws: off = unchanged scene
+        _add_coats(cfg, lay, splats, rng)
     splats.render(pot)
 
     az = np.zeros(shape, dtype=bool)
@@ -330,6 +332,65 @@ def _add_active_zone_material(cfg, lay, splats, rng, v) -> None:
     d = -(mem.thickness_nm / 2 + rng.exponential(7.0, n))
     pts = np.asarray(mem.point(w, zr, d)).reshape(-1, 3)
     splats.add(pts, rng.uniform(0.4, 1.0, n) * PROTEIN_V, sigma_nm=2.0)
+
+
+#: size classes (sigma, nm) of surface proteins on coated SVs: 3–6 nm across
+COAT_SIGMAS_NM = (1.2, 1.5, 1.9, 2.5)
+
+
+def _add_coats(cfg, lay, splats, rng) -> None:
+    """Surface proteins on a share (``coat_fraction``) of the SVs: Gaussian blobs on the outside.
+
+    Per coated SV, Poisson(``coat_density_per_100nm2`` × area/100 nm²) blobs at uniform
+    directions with σ from :data:`COAT_SIGMAS_NM` and peak 0.4–1 × PROTEIN_V (like cytosolic
+    proteins). A blob's centre lies σ + U(0, coat_thickness − 2σ) outside the outer bilayer edge,
+    so that it reaches about ``coat_thickness_nm`` at most; a share
+    (``coat_transmembrane_fraction``) sits in the outer leaflet instead and protrudes 1–3 nm.
+    Blobs that would lie inside another vesicle or beyond the plasma membrane are dropped.
+    """
+    c, r = lay.centres_nm, lay.radii_nm
+    sv = np.flatnonzero(lay.population == "sv")
+    if len(sv) == 0:
+        return
+    coated = sv[rng.random(len(sv)) < cfg.coat_fraction]
+    area = 4 * np.pi * r[coated] ** 2
+    counts = rng.poisson(cfg.coat_density_per_100nm2 * area / 100.0)
+    owner = np.repeat(coated, counts)
+    n = len(owner)
+    if n == 0:
+        return
+    dirs = _unit_vectors(rng, n)
+    cls = rng.integers(0, len(COAT_SIGMAS_NM), n)
+    sigma = np.asarray(COAT_SIGMAS_NM)[cls]
+    out = sigma + rng.random(n) * np.maximum(cfg.coat_thickness_nm - 2 * sigma, 0.0)
+    tm = rng.random(n) < cfg.coat_transmembrane_fraction
+    out[tm] = -rng.uniform(0.3, 0.5, tm.sum()) * lay.thickness_nm[owner[tm]]
+    peak = rng.uniform(0.4, 1.0, n) * PROTEIN_V
+    pts = c[owner] + dirs * (r[owner] + out)[:, None]
+    keep = np.ones(n, dtype=bool)
+    # neither inside a neighbouring vesicle nor across the plasma membrane
+    reach = float(r.max()) + cfg.coat_thickness_nm + 3.0
+    ends = np.cumsum(counts)
+    for k, a, b in zip(coated, ends - counts, ends):
+        near = np.flatnonzero(np.linalg.norm(c - c[k], axis=1) < r[k] + reach)
+        near = near[near != k]
+        if len(near) == 0 or a == b:
+            continue
+        mine = slice(a, b)
+        d = np.linalg.norm(pts[mine, None, :] - c[None, near, :], axis=2) - r[near][None]
+        keep[mine] &= (d > 0.5 * sigma[mine, None]).all(axis=1)
+    if lay.membrane is not None:
+        dpm = lay.membrane.signed_distance(pts[:, 0], pts[:, 1], pts[:, 2])
+        keep &= dpm < -(lay.membrane.thickness_nm / 2 + 0.5 * sigma)
+    for k, s_nm in enumerate(COAT_SIGMAS_NM):
+        sel = keep & (cls == k)
+        if sel.any():
+            splats.add(pts[sel], peak[sel], sigma_nm=s_nm)
+
+
+def _unit_vectors(rng, n: int) -> np.ndarray:
+    u = rng.normal(size=(n, 3))
+    return u / np.linalg.norm(u, axis=1, keepdims=True)
 
 
 GOLD_V = 30.0  # gold's mean inner potential is far above protein's

@@ -131,3 +131,77 @@ def test_membrane_coverage_is_low_for_a_tube():
     ]
     assert fits[0].membrane_coverage > 0.9
     assert fits[1] is None or fits[1].membrane_coverage < 0.7
+
+
+# ---------------------------------------------------------------- edge="bilayer" (the radius rule)
+def _bilayer_vesicle(seed=0, voxel_nm=1.6, radius=12.0, thickness_nm=4.5, ctf=None, defocus_um=8.0,
+                     coat=0, noise=0.3, n=48):
+    """The simulator's bilayer (outer edge at ``radius`` voxels) imaged through a Gaussian blur or an
+    uncorrected CTF (300 kV, Cs 2.7 mm, B 500 Å²: bright/dark fringes), optionally under a coat of
+    ``coat`` protein blobs (sigma 2.5 nm, half the simulator's peak, centred 3 nm outside the edge)."""
+    from cryoves.simulate.scene import PROTEIN_V, bilayer
+
+    rng = np.random.default_rng(seed)
+    c = np.full(3, (n - 1) / 2) + rng.uniform(-0.5, 0.5, 3)
+    g = np.ogrid[:n, :n, :n]
+    pot = bilayer((np.sqrt(sum((gi - ci) ** 2 for gi, ci in zip(g, c))) - radius) * voxel_nm, thickness_nm, voxel_nm)
+    u = rng.normal(size=(coat, 3))
+    for p in c + u / np.linalg.norm(u, axis=1, keepdims=True) * (radius + 3.0 / voxel_nm):
+        pot += 0.5 * PROTEIN_V * np.exp(-0.5 * sum((gi - pi) ** 2 for gi, pi in zip(g, p)) * (voxel_nm / 2.5) ** 2)
+    f = np.fft.fftfreq(n)
+    k2 = (f[:, None, None] ** 2 + f[None, :, None] ** 2 + f[None, None, :] ** 2) / (10 * voxel_nm) ** 2  # 1/Å²
+    if ctf:
+        lam, cs = 0.019687, 2.7e7
+        chi = np.pi * lam * defocus_um * 1e4 * k2 - 0.5 * np.pi * cs * lam**3 * k2**2
+        tf = -(np.sqrt(1 - 0.07**2) * np.sin(chi) + 0.07 * np.cos(chi)) * np.exp(-500 * k2 / 4)
+    else:
+        tf = -np.exp(-2 * np.pi**2 * 0.6**2 * k2 * (10 * voxel_nm) ** 2)
+    img = np.fft.ifftn(np.fft.fftn(pot) * tf).real
+    img += rng.normal(0, noise * img.std(), img.shape)
+    return img.astype(np.float32), c, radius, 10 * voxel_nm
+
+
+def _radius_errors(edge, seeds=range(4), **kw):
+    out = []
+    for seed in seeds:
+        img, c, r, vs = _bilayer_vesicle(seed, **kw)
+        f = fit_sphere(img, c + 0.7, 0.9 * r, vs, edge=edge)
+        out.append((f.radius - r, f.membrane_thickness_nm))
+    return np.array(out).T
+
+
+def test_bilayer_edge_is_the_outer_edge_of_a_clean_bilayer():
+    err, thick = _radius_errors("bilayer")
+    assert np.abs(err).max() < 0.15 and np.all((thick > 4.0) & (thick < 5.2))
+    # on the tests' uniform 4-nm slab (prior 4.5 nm) it stays within the old accuracy
+    s = random_scene(n=6, shape=(56, 80, 80), seed=11)
+    labels, _ = label_vesicles(s.prob, 0.5, s.voxel_size, min_radius_nm=4)
+    table, _ = fit_spheres(s.intensity, labels, s.voxel_size, edge="bilayer")
+    d, dr, _ = _errors(table, s)
+    assert len(table) == len(s.radii) and d.max() < 0.3 and np.abs(dr).max() < 0.3, dr
+    assert table.df["membrane_thickness_nm"].between(4.0, 4.6).all()
+
+
+def test_bilayer_edge_under_uncorrected_ctf_fringes():
+    # high defocus, no CTF correction: fringes flank the membrane; the steepest rise lies a voxel out
+    err, thick = _radius_errors("bilayer", ctf=True)
+    old, old_thick = _radius_errors("steepest", ctf=True)
+    assert np.abs(err).max() < 0.3, err
+    assert np.abs(old).min() > 0.8, old  # the old rule is wrong here
+    assert np.all((thick > 4.0) & (thick < 5.5)) and np.all(old_thick > 6.5)
+
+
+def test_bilayer_edge_under_a_protein_coat():
+    # dense blobs just outside the membrane: the steepest rise sometimes jumps to the coat's edge
+    err, _ = _radius_errors("bilayer", coat=120)
+    old, _ = _radius_errors("steepest", coat=120)
+    assert np.abs(err).max() < 0.5, err
+    assert np.abs(old).max() > 1.0, old
+
+
+def test_bilayer_options_validated():
+    assert FitOptions(edge="bilayer").thickness_prior_nm == 4.5
+    with pytest.raises(ParameterError):
+        FitOptions(thickness_weight=1.5)
+    with pytest.raises(ParameterError):
+        FitOptions(thickness_prior_nm=0)

@@ -234,7 +234,7 @@ def test_low_correlation_with_confident_map_and_membrane_is_flagged():
     df = t.df.copy()
     df.loc[2, "profile_correlation"] = 0.1
     df.loc[5, "profile_correlation"] = 0.1
-    df.loc[5, "membrane_coverage"] = 0.3  # membrane seen in too few directions: not supported
+    df.loc[5, "map_confidence"] = 0.3  # the network is not confident there: not supported
     out, rej = repair(t.with_df(df), None, min_radius_nm=1.0)
     assert list(rej["id"]) == [df.loc[5, "id"]] and list(rej["step"]) == ["correlation"]
     assert out.df.set_index("id").loc[df.loc[2, "id"], "flags"] == "profile correlation 0.10"

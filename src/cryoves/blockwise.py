@@ -430,13 +430,13 @@ def fit_spheres_blockwise(
     same (VesicleTable, rejected) as ``fit_spheres`` with the same arguments, row for row.
     """
     from cryoves.postprocess._common import check_same_shape, check_voxel_size, check_volume
-    from cryoves.postprocess.spheres import FitOptions, initial_spheres
+    from cryoves.postprocess.spheres import FitOptions, _with_voxel_size, initial_spheres
 
     intensity = check_volume(intensity, "tomogram")
     labels = check_volume(labels, "labels")
     check_same_shape(intensity, labels, "tomogram", "labels")
     vs = check_voxel_size(voxel_size_a)
-    opts = options or FitOptions(**kwargs)
+    opts = _with_voxel_size(options or FitOptions(**kwargs), vs)
     bshape = np.asarray(_block_shape(block))
     # the starting centres, radii and neighbour lists of fit_spheres, from the whole label volume
     items = initial_spheres(labels, opts, mask_neighbours)

@@ -3,8 +3,9 @@
 A doubtful fit is *flagged* (kept, with the reason in the ``flags`` column; the review queue shows
 flagged vesicles first) instead of removed when it is **supported**: the network is confident
 inside it (``map_confidence``, mean probability within 0.7 x radius, >= ``min_map_confidence``) and
-its radial profile shows a membrane (contrast above the population's limit, seen in at least half
-of the directions). Unsupported candidates are removed as before. Order of the steps in :func:`repair`:
+its radial profile shows a membrane (contrast above the population's limit; the coverage is not
+used: on the simulator true vesicles near the volume border or a neighbour see their membrane in
+fewer than half of the directions). Unsupported candidates are removed as before. Order of the steps in :func:`repair`:
 
 1. profile correlation (Spearman correlation with the median profile) at or below
    ``min_correlation`` or below the population's lower fence (median - 4 robust SD): flagged when
@@ -37,7 +38,7 @@ from scipy.stats import f as f_dist
 
 from cryoves.errors import ParameterError
 from cryoves.postprocess._common import check_volume, concat_rejected, rejected_frame, sphere_pairs
-from cryoves.postprocess.spheres import FitFailure, FitOptions, _fit
+from cryoves.postprocess.spheres import FitFailure, FitOptions, _fit, _with_voxel_size
 from cryoves.vesicles import VesicleTable
 
 log = logging.getLogger(__name__)
@@ -337,9 +338,6 @@ def _supported(df: pd.DataFrame, min_map_confidence: float, contrast_limit: floa
     if "membrane_contrast" in df.columns and np.isfinite(contrast_limit):
         con = df["membrane_contrast"].to_numpy(float)
         ok &= np.isfinite(con) & (con >= contrast_limit)
-    if "membrane_coverage" in df.columns:
-        cov = df["membrane_coverage"].to_numpy(float)
-        ok &= ~(np.isfinite(cov) & (cov < 0.5))
     return ok
 
 
@@ -458,7 +456,7 @@ def repair(
             intensity = check_volume(intensity, "tomogram")
             scorer = _Scorer(df.loc[inl, FEATURES].to_numpy(float), robust, exact)
             failed, fail_p = _refit_outliers(
-                df, intensity, idx, scorer, nm, p_threshold, fit_options or FitOptions(), max_regrow, regrow_step
+                df, intensity, idx, scorer, nm, p_threshold, _with_voxel_size(fit_options or FitOptions(), 10 * nm), max_regrow, regrow_step
             )
             log.info("outliers: %d re-fitted successfully, %d still outliers", len(idx) - len(failed), len(failed))
             suffix = " after re-fits with larger boxes"

@@ -24,7 +24,7 @@ def test_six_connectivity_everywhere():
     prob = np.zeros((12, 12, 12), np.float32)
     prob[2:6, 2:6, 2:6] = 1
     prob[6:10, 6:10, 2:6] = 1  # touches the first cube along an edge only
-    labels, rej = label_vesicles(prob, 0.5, VS, min_radius_nm=0.1, separate=False, expand=False, extent_range=(0, 1))
+    labels, rej = label_vesicles(prob, 0.5, VS, min_radius_nm=0.1, separate=False, shape_split=False, expand=False, extent_range=(0, 1))
     assert labels.dtype == np.uint32
     assert len(np.unique(labels[labels > 0])) == 2
     assert list(rej.columns) == REJECTED_COLUMNS and len(rej) == 0
@@ -36,7 +36,7 @@ def test_merged_pair_is_split_with_fresh_ids_and_no_lost_voxels(pair_centre):
     a, b = c - [0, 4.5, 4.5], c + [0, 4.5, 4.5]  # diagonal pair, centres 12.7 apart, r=7: merged
     s = _scene([a, b])
     t = 0.5
-    plain, _ = label_vesicles(s.prob, t, VS, min_radius_nm=4, separate=False, expand=False)
+    plain, _ = label_vesicles(s.prob, t, VS, min_radius_nm=4, separate=False, shape_split=False, expand=False)
     ia, ib = _ids_at(plain, [a, b])
     assert ia == ib != 0, "test setup: the pair must be merged at the global threshold"
     labels, rej = label_vesicles(s.prob, t, VS, min_radius_nm=4, separate=True, expand=False)
@@ -53,7 +53,7 @@ def test_merged_pair_is_split_with_fresh_ids_and_no_lost_voxels(pair_centre):
 def test_chain_of_three_is_split_recursively():
     cs = [(20, 38, 26), (20, 38, 38.5), (20, 38, 51)]
     s = _scene(cs, radius=6.5)
-    plain, _ = label_vesicles(s.prob, 0.5, VS, min_radius_nm=4, separate=False, expand=False)
+    plain, _ = label_vesicles(s.prob, 0.5, VS, min_radius_nm=4, separate=False, shape_split=False, expand=False)
     assert len(set(_ids_at(plain, cs))) == 1
     labels, _ = label_vesicles(s.prob, 0.5, VS, min_radius_nm=4, separate=True, expand=False)
     assert len(set(_ids_at(labels, cs))) == 3
@@ -67,9 +67,9 @@ def test_partly_detected_vesicle_is_grown():
     near = (zz - 20) ** 2 + (yy - 38) ** 2 + (xx - 38) ** 2 <= 10**2
     prob[near] *= 0.8
     t = 0.78
-    small, rej_small = label_vesicles(prob, t, VS, min_radius_nm=6, min_volume_fraction=1.0, separate=False, expand=False)
+    small, rej_small = label_vesicles(prob, t, VS, min_radius_nm=6, min_volume_fraction=1.0, separate=False, shape_split=False, expand=False)
     assert small[20, 38, 38] == 0 and (rej_small["reason"].str.contains("volume")).any()
-    grown, rej = label_vesicles(prob, t, VS, min_radius_nm=6, min_volume_fraction=1.0, separate=False, expand=True)
+    grown, rej = label_vesicles(prob, t, VS, min_radius_nm=6, min_volume_fraction=1.0, separate=False, shape_split=False, expand=True)
     assert grown[20, 38, 38] != 0
     assert np.count_nonzero(grown == grown[20, 38, 38]) >= 4 / 3 * np.pi * 6**3
     assert not rej["z"].between(15, 25).any() or len(rej) == 0
@@ -79,7 +79,7 @@ def test_discard_rules_record_reasons():
     prob = np.zeros((30, 30, 30), np.float32)
     prob[2, 2, 2:4] = 1  # tiny: 2 voxels < a 1-voxel-radius ball
     prob[10, 5:25, 10] = 1  # thin rod: ok volume at min radius 1 voxel, extent 1.0 > 0.75
-    labels, rej = label_vesicles(prob, 0.5, VS, min_radius_nm=1.0, min_volume_fraction=1.0, separate=False, expand=False)
+    labels, rej = label_vesicles(prob, 0.5, VS, min_radius_nm=1.0, min_volume_fraction=1.0, separate=False, shape_split=False, expand=False)
     assert not labels.any()
     assert set(rej["step"]) == {"label"}
     assert rej["reason"].str.contains("volume").sum() == 1
@@ -110,3 +110,46 @@ def test_touching_pieces_fitted_to_one_vesicle_are_rejoined_under_a_fresh_id():
     # far-apart spheres are never joined
     same, none = rejoin_duplicate_pieces(labels, [3, 7], [(20, 20, 15), (20, 20, 55)], [10, 8])
     assert none == [] and same is labels
+
+
+def _ellipsoids(shape, centres, radius, z_stretch):
+    """Saturated map (p = 1 inside) of balls stretched along z, as the missing wedge smears them."""
+    zz, yy, xx = np.ogrid[tuple(slice(0, n) for n in shape)]
+    prob = np.zeros(shape, np.float32)
+    for c in centres:
+        inside = ((zz - c[0]) / (z_stretch * radius)) ** 2 + ((yy - c[1]) / radius) ** 2 + ((xx - c[2]) / radius) ** 2
+        prob[inside <= 1] = 1.0
+    return prob
+
+
+@pytest.mark.parametrize("n_stack", [2, 3])
+def test_vesicles_merged_along_z_are_split_by_shape(n_stack):
+    # a pair / triple stacked in z whose smeared maps overlap with no dip at all: raising the threshold
+    # can never separate them, the neck between the balls does
+    shape = (24 + 16 * n_stack, 40, 40)
+    stack = [(12 + 16 * k, 20, 20) for k in range(n_stack)]
+    prob = _ellipsoids(shape, stack, 7.0, 1.4)
+    plain, _ = label_vesicles(prob, 0.5, VS, min_radius_nm=4, separate=True, shape_split=False, expand=False)
+    assert len(set(_ids_at(plain, stack))) == 1, "test setup: the stack must stay merged without the shape split"
+    labels, rej = label_vesicles(prob, 0.5, VS, min_radius_nm=4, expand=False)
+    assert len(set(_ids_at(labels, stack))) == n_stack and 0 not in _ids_at(labels, stack)
+    assert np.count_nonzero(labels) == np.count_nonzero(plain) and len(rej) == 0
+
+
+def test_single_smeared_vesicle_is_not_split_by_shape():
+    prob = _ellipsoids((40, 40, 40), [(20, 20, 20)], 8.0, 1.5)
+    labels, _ = label_vesicles(prob, 0.5, VS, min_radius_nm=4, expand=False)
+    assert len(np.unique(labels[labels > 0])) == 1
+
+
+def test_irregular_piece_holding_a_ball_is_kept_but_a_sheet_is_not():
+    # a split piece: a ball with a thin flange (extent < 0.25) is a vesicle for the fit to judge;
+    # a flat sheet of the same extent holds no ball and is discarded
+    shape = (40, 80, 80)
+    prob = _ellipsoids(shape, [(20, 20, 20)], 6.0, 1.0)
+    prob[19:21, 20:34, 20:34] = 1.0  # flange: extent of the piece drops below 0.25
+    prob[5:7, 40:75, 40:75] = 1.0  # sheet
+    prob[5:30, 40:42, 40:42] = 1.0
+    labels, rej = label_vesicles(prob, 0.5, VS, min_radius_nm=4, separate=False, shape_split=False, expand=False)
+    assert labels[20, 20, 20] != 0
+    assert labels[5, 60, 60] == 0 and rej["reason"].str.contains("no ball").sum() == 1

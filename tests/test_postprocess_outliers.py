@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from scipy.spatial.distance import mahalanobis
 from scipy.stats import chi2
 
-from _post_utils import random_scene
+from _post_utils import bilayer_vesicle, random_scene
 from cryoves.errors import ParameterError
 from cryoves.postprocess import REJECTED_COLUMNS, fit_spheres, label_vesicles, repair, resolve_overlaps
 from cryoves.postprocess.outliers import FEATURES, mahalanobis_test, robust_mean_cov
@@ -186,10 +186,10 @@ def test_objects_without_membrane_are_removed_by_contrast():
     def n_fakes(t):
         return int((np.min(np.linalg.norm(t.centres[:, None] - fakes[None], axis=-1), axis=1) < 5).sum())
 
-    # the correlation filter is switched off to test the contrast filter alone
-    kept_all, _ = repair(table, s.intensity, min_radius_nm=4, min_correlation=-1, min_contrast_fraction=0)
+    # the correlation filter and the Mahalanobis test are switched off to test the contrast filter alone
+    kept_all, _ = repair(table, s.intensity, min_radius_nm=4, min_correlation=-1, min_contrast_fraction=0, p_threshold=0)
     assert n_fakes(kept_all) == 2
-    out, rej = repair(table, s.intensity, min_radius_nm=4, min_correlation=-1)
+    out, rej = repair(table, s.intensity, min_radius_nm=4, min_correlation=-1, p_threshold=0)
     assert set(rej["step"]) == {"contrast"} and n_fakes(out) == 0
     assert len(out) == len(s.radii)  # every real vesicle survives
 
@@ -265,3 +265,25 @@ def test_map_confidence_is_the_mean_probability_inside_the_sphere():
     prob[(zz - 10) ** 2 + (yy - 10) ** 2 + (xx - 10) ** 2 <= 36] = 0.9
     conf = map_confidence(prob, [[10, 10, 10], [22, 22, 22], [-50, 0, 0]], [8.0, 5.0, 3.0])
     assert conf[0] == pytest.approx(0.9) and conf[1] == 0.0 and np.isnan(conf[2])
+
+
+def test_well_fitted_vesicles_with_ctf_fringes_are_kept():
+    # no CTF correction, 8 µm underfocus, 1.6 nm voxels: bright/dark fringes flank every membrane
+    from cryoves.postprocess.outliers import map_confidence
+
+    boxes = [bilayer_vesicle(seed, ctf=True, radius=11.0 + 0.4 * seed) for seed in range(6)]
+    vol = np.concatenate([b[0] for b in boxes], axis=2)
+    n = boxes[0][0].shape[0]
+    centres = np.array([b[1] + [0, 0, k * n] for k, b in enumerate(boxes)])
+    radii = np.array([b[2] for b in boxes])
+    vs = boxes[0][3]
+    truth = VesicleTable.from_spheres(centres, radii, vs)
+    labels = truth.to_labels(vol.shape)
+    prob = (labels > 0).astype(np.float32)
+    fits, rej_fit = fit_spheres(vol, labels, vs)
+    fits = fits.with_df(fits.df.assign(map_confidence=map_confidence(prob, fits.centres, fits.radii)))
+    out, rej = repair(fits, vol, min_radius_nm=5.0)
+    assert len(rej_fit) == 0 and len(rej) == 0 and len(out) == 6
+    got = out.df.sort_values("x")
+    np.testing.assert_allclose(got["radius"], radii, atol=0.4)
+    np.testing.assert_allclose(got[["z", "y", "x"]].to_numpy(), centres, atol=0.4)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from _post_utils import missing_wedge, random_scene, synthetic
+from _post_utils import bilayer_vesicle, missing_wedge, random_scene, synthetic
 from cryoves.errors import ParameterError
 from cryoves.postprocess import FitOptions, fit_sphere, fit_spheres, label_vesicles
 from cryoves.vesicles import QC_COLUMNS
@@ -101,7 +101,8 @@ def test_wedge_cap_keeps_accuracy_on_missing_wedge_data():
     labels, _ = label_vesicles(s.prob, 0.5, s.voxel_size, min_radius_nm=4)
     capped, _ = fit_spheres(s.intensity, labels, s.voxel_size, wedge_cap_deg=45.0)
     d1, r1, _ = _errors(capped, s)
-    assert d1.mean() < 0.2 and np.abs(r1).mean() < 0.1
+    # radius: the bilayer rule pulls these uniform 4-voxel slabs towards a 4.5 nm bilayer (+0.07 voxel)
+    assert d1.mean() < 0.2 and np.abs(r1).mean() < 0.15
 
 
 def test_fit_sphere_ignores_given_neighbours():
@@ -134,37 +135,10 @@ def test_membrane_coverage_is_low_for_a_tube():
 
 
 # ---------------------------------------------------------------- edge="bilayer" (the radius rule)
-def _bilayer_vesicle(seed=0, voxel_nm=1.6, radius=12.0, thickness_nm=4.5, ctf=None, defocus_um=8.0,
-                     coat=0, noise=0.3, n=48):
-    """The simulator's bilayer (outer edge at ``radius`` voxels) imaged through a Gaussian blur or an
-    uncorrected CTF (300 kV, Cs 2.7 mm, B 500 Å²: bright/dark fringes), optionally under a coat of
-    ``coat`` protein blobs (sigma 2.5 nm, half the simulator's peak, centred 3 nm outside the edge)."""
-    from cryoves.simulate.scene import PROTEIN_V, bilayer
-
-    rng = np.random.default_rng(seed)
-    c = np.full(3, (n - 1) / 2) + rng.uniform(-0.5, 0.5, 3)
-    g = np.ogrid[:n, :n, :n]
-    pot = bilayer((np.sqrt(sum((gi - ci) ** 2 for gi, ci in zip(g, c))) - radius) * voxel_nm, thickness_nm, voxel_nm)
-    u = rng.normal(size=(coat, 3))
-    for p in c + u / np.linalg.norm(u, axis=1, keepdims=True) * (radius + 3.0 / voxel_nm):
-        pot += 0.5 * PROTEIN_V * np.exp(-0.5 * sum((gi - pi) ** 2 for gi, pi in zip(g, p)) * (voxel_nm / 2.5) ** 2)
-    f = np.fft.fftfreq(n)
-    k2 = (f[:, None, None] ** 2 + f[None, :, None] ** 2 + f[None, None, :] ** 2) / (10 * voxel_nm) ** 2  # 1/Å²
-    if ctf:
-        lam, cs = 0.019687, 2.7e7
-        chi = np.pi * lam * defocus_um * 1e4 * k2 - 0.5 * np.pi * cs * lam**3 * k2**2
-        tf = -(np.sqrt(1 - 0.07**2) * np.sin(chi) + 0.07 * np.cos(chi)) * np.exp(-500 * k2 / 4)
-    else:
-        tf = -np.exp(-2 * np.pi**2 * 0.6**2 * k2 * (10 * voxel_nm) ** 2)
-    img = np.fft.ifftn(np.fft.fftn(pot) * tf).real
-    img += rng.normal(0, noise * img.std(), img.shape)
-    return img.astype(np.float32), c, radius, 10 * voxel_nm
-
-
 def _radius_errors(edge, seeds=range(4), **kw):
     out = []
     for seed in seeds:
-        img, c, r, vs = _bilayer_vesicle(seed, **kw)
+        img, c, r, vs = bilayer_vesicle(seed, **kw)
         f = fit_sphere(img, c + 0.7, 0.9 * r, vs, edge=edge)
         out.append((f.radius - r, f.membrane_thickness_nm))
     return np.array(out).T

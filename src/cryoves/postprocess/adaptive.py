@@ -91,6 +91,13 @@ def _try_split(prob_box: np.ndarray, obj: np.ndarray, t0: float, min_piece: int)
     return None
 
 
+def _inscribed_radius(mask: np.ndarray) -> float:
+    """Radius (voxels) of the largest ball inside ``mask``: the maximum of its distance transform."""
+    import edt
+
+    return float(edt.edt(np.pad(mask, 1).astype(np.uint8), black_border=True).max()) if mask.any() else 0.0
+
+
 def _elongation(mask: np.ndarray) -> float:
     """Largest distance of a voxel from the object's centroid over its equivalent-ball radius.
 
@@ -153,6 +160,49 @@ def _separate(prob, labels, threshold, min_piece, opts) -> int:
     return n_splits
 
 
+def _split_by_shape(obj: np.ndarray, depth: float, min_core: float, z_scale: float) -> np.ndarray | None:
+    """Pieces (1..k over ``obj``) from a seeded watershed on the distance transform, or None.
+
+    Seeds are the maxima of the distance to the background (z distances x ``z_scale``, which undoes
+    part of the missing-wedge elongation) that rise at least ``depth`` voxels above the saddle to any
+    higher one and lie at least ``min_core`` voxels deep: touching balls meet at a neck, whatever the
+    probability does between them.
+    """
+    import edt
+    from skimage.morphology import h_maxima
+
+    dist = edt.edt(np.pad(obj, 1).astype(np.uint8), anisotropy=(z_scale, 1.0, 1.0), black_border=True)
+    dist = dist[1:-1, 1:-1, 1:-1].astype(np.float64)
+    if dist.max() < min_core + depth:
+        return None
+    peaks = h_maxima(dist, depth).astype(bool) & (dist >= min_core)
+    markers = cc3d.connected_components(peaks, connectivity=26, out_dtype=np.uint32)
+    if markers.max() < 2:
+        return None
+    return watershed(-dist, markers.astype(np.int32), mask=obj, connectivity=1).astype(np.int32)
+
+
+def _separate_by_shape(labels, min_r_vox, opts) -> int:
+    """Split every object whose shape holds several balls (see :func:`_split_by_shape`), in place."""
+    depth = opts["shape_depth"] * min_r_vox
+    min_core = opts["shape_min_core"] * min_r_vox
+    next_id = int(labels.max()) + 1
+    n = 0
+    for o in _objects(labels):
+        pbox = _pad_box(o.box, 1, labels.shape)
+        lab_box = labels[pbox]
+        obj = lab_box == o.id
+        pieces = _split_by_shape(obj, depth, min_core, opts["shape_z_scale"])
+        if pieces is None:
+            continue
+        k = int(pieces.max())
+        new_ids = np.arange(next_id, next_id + k, dtype=np.uint32)
+        next_id += k
+        lab_box[obj] = new_ids[pieces[obj] - 1]
+        n += 1
+    return n
+
+
 def _expand(prob, labels, threshold, min_vol, opts) -> int:
     """Grow objects smaller than ``min_vol`` by lowering the threshold locally; return how many grew."""
     n = 0
@@ -194,8 +244,13 @@ def label_vesicles(
     *,
     min_volume_fraction: float = 0.5,
     separate: bool = True,
+    shape_split: bool = True,
+    shape_depth: float = 0.2,
+    shape_min_core: float = 0.5,
+    shape_z_scale: float = 1.0,
     expand: bool = True,
     extent_range: tuple[float, float] = (0.25, 0.75),
+    min_inscribed: float = 0.5,
     split_extent: float = 0.5,
     split_zscore: float = 1.0,
     split_volume_factor: float = 1.8,
@@ -216,7 +271,10 @@ def label_vesicles(
     ``extent_range`` or volume below ``min_volume_fraction`` x a ball of radius ``min_radius_nm`` (nm;
     ``voxel_size_a`` in Å) are removed. The fraction (default 0.5, the original used 1) allows for the
     thresholded object being smaller than the vesicle; the exact radius rule is applied to the fitted
-    spheres (:func:`cryoves.postprocess.outliers.repair`). Returns (uint32 labels, rejected table with
+    spheres (:func:`cryoves.postprocess.outliers.repair`). An object below the extent range is kept when
+    a ball of ``min_inscribed`` x ``min_radius_nm`` fits inside it: the irregular pieces of a split pool
+    (extent 0.2-0.25, measured on dense simulated pools) are vesicles, membrane sheets and filaments
+    hold no such ball; the sphere fit and QC judge what is kept. Returns (uint32 labels, rejected table with
     step ``"label"``); ids are not renumbered.
     """
     prob = check_volume(prob, "probability map")
@@ -245,6 +303,10 @@ def label_vesicles(
         min_piece = max(8, int(0.1 * min_vol))
         n = _separate(prob, labels, threshold, min_piece, opts)
         log.info("split %d merged objects", n)
+    if shape_split:
+        opts.update(shape_depth=shape_depth, shape_min_core=shape_min_core, shape_z_scale=shape_z_scale)
+        n = _separate_by_shape(labels, min_r_vox, opts)
+        log.info("split %d objects holding several balls", n)
     if expand:
         opts["expand_pad"] = int(np.ceil(2 * min_r_vox)) + 2
         n = _expand(prob, labels, threshold, min_vol, opts)
@@ -259,8 +321,11 @@ def label_vesicles(
                 f"volume {o.volume} voxels below {min_volume_fraction:g} x a {min_radius_nm:g} nm ball "
                 f"({min_vol:.0f} voxels)"
             )
-        elif o.extent < extent_range[0]:
-            reason = f"extent {o.extent:.2f} below {extent_range[0]:g} (not ball-like)"
+        elif o.extent < extent_range[0] and _inscribed_radius(labels[o.box] == o.id) < min_inscribed * min_r_vox:
+            reason = (
+                f"extent {o.extent:.2f} below {extent_range[0]:g} and no ball of {min_inscribed:g} x "
+                f"{min_radius_nm:g} nm inside (not ball-like)"
+            )
         elif o.extent > extent_range[1]:
             reason = f"extent {o.extent:.2f} above {extent_range[1]:g} (not ball-like)"
         if reason:

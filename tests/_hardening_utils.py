@@ -762,7 +762,7 @@ def fuzz_table(data: bytes) -> None:
         for vs in (None, 22.0):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                table = _typed_or_raise(lambda vs=vs: read_vesicles(path, voxel_size=vs))
+                table = _typed_or_raise(lambda path=path, vs=vs: read_vesicles(path, voxel_size=vs))
             if table is not None:
                 assert np.isfinite(table.centres).all() and (table.radii > 0).all()
                 assert table.voxel_size > 0

@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from _predict_utils import HIV_TIF, PARITY_NPZ, WEIGHTS_H5, random_model, random_net, vesicle_volume
 
+from _predict_utils import HIV_TIF, PARITY_NPZ, WEIGHTS_H5, random_model, random_net, vesicle_volume
 from cryoves.errors import OutputExistsError, ParameterError, ResourceError
 from cryoves.io import Tomogram, write_mrc
 from cryoves.model import ModelInfo, save_checkpoint

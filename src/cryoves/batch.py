@@ -93,7 +93,7 @@ def _read_manifest(path: Path) -> list[BatchItem]:
 
             data = yaml.safe_load(path.read_text())
             rows = data.get("tomograms", data) if isinstance(data, dict) else data
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad manifest
+    except Exception as exc:  # broad on purpose: any parse failure is a bad manifest
         raise InputError(f"cannot read batch manifest {path}: {exc}") from exc
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "tomogram" in r for r in rows):
         raise InputError(f"batch manifest {path} needs a list of rows with a 'tomogram' column")

@@ -276,8 +276,8 @@ def predict_blockwise(
     from cryoves.predict import (
         DEFAULT_CONTEXT,
         DEFAULT_TILE_BUDGET,
-        PredictionResult,
         TTA_TRANSFORMS,
+        PredictionResult,
         available_memory,
         choose_device,
         choose_precision,
@@ -429,7 +429,7 @@ def fit_spheres_blockwise(
     3 × the largest initial radius + membrane search + margin, ~1.5 vesicle diameters). Returns the
     same (VesicleTable, rejected) as ``fit_spheres`` with the same arguments, row for row.
     """
-    from cryoves.postprocess._common import check_same_shape, check_voxel_size, check_volume
+    from cryoves.postprocess._common import check_same_shape, check_volume, check_voxel_size
     from cryoves.postprocess.spheres import FitOptions, initial_spheres
 
     intensity = check_volume(intensity, "tomogram")

@@ -38,7 +38,7 @@ class _Group(TyperGroup):
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
-        except Exception as exc:  # noqa: BLE001 - last resort: no traceback without --debug
+        except Exception as exc:  # broad on purpose: last resort: no traceback without --debug
             if _STATE["debug"] or isinstance(exc, _click_exceptions()):
                 raise
             typer.echo(

@@ -232,7 +232,7 @@ def _probability(
     if client is not None:
         from cryoves.blockwise import predict_blockwise
 
-        predict_tomogram = functools.partial(predict_blockwise, client=client)  # noqa: F811
+        predict_tomogram = functools.partial(predict_blockwise, client=client)
     res = predict_tomogram(
         tomo,
         model,
@@ -374,7 +374,7 @@ def _segment(
     if client is not None:
         from cryoves.blockwise import fit_spheres_blockwise
 
-        fit_spheres = functools.partial(fit_spheres_blockwise, client=client)  # noqa: F811
+        fit_spheres = functools.partial(fit_spheres_blockwise, client=client)
     spheres, rej_fit = steps.run("spheres", 0.8, fit_spheres, intensity, labels, vs)
     joined, new_ids = rejoin_duplicate_pieces(labels, spheres.ids, spheres.centres, spheres.radii)
     if new_ids:

@@ -331,9 +331,6 @@ def _analysis_section(outdir: Path, table: VesicleTable, figdir: Path) -> str:
         cyto = read_mrc(outdir / "cytoplasm_mask.mrc", validate=False).asarray(np.uint8) > 0
     res = analyze(table, az_mask=az, cytoplasm_mask=cyto)
     written = write_analysis(res, outdir / "analysis", force=True)  # a derived view: always refreshed
-    pngs = [Path(p) for p in (written if isinstance(written, (list, tuple)) else []) if str(p).endswith(".png")]
-    if not pngs:
-        pngs = sorted((outdir / "analysis").glob("*.png"))
-    summary = getattr(res, "summary", None)
-    summary_html = _table_html(pd.DataFrame([summary]).T.reset_index()) if isinstance(summary, dict) else ""
+    pngs = sorted(written.glob("*.png"))
+    summary_html = _table_html(pd.DataFrame([res.summary]).T.reset_index())
     return "<section><h2>Synapse analysis</h2>" + summary_html + "".join(_img_tag(p, p.stem) for p in pngs) + "</section>"

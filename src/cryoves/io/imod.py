@@ -211,9 +211,6 @@ class ImodModel:
         # the header stores float32: drop the float32 noise (2.2 nm -> 22.0000005 Å)
         return float(f"{value:.6g}") if math.isfinite(value) and value > 0 else None
 
-    def n_contours(self, kind: str | None = None) -> int:
-        return sum(len(o.contours) for o in self.objects if kind is None or o.kind == kind)
-
 
 # ----------------------------------------------------------------------------------- reading
 class _Reader:

@@ -636,7 +636,7 @@ class SegmentWidget(QWidget):
             except CryovesError as exc:
                 kind = "cancelled" if type(exc).__name__ == "Cancelled" else "error"
                 return kind, exc
-            except Exception as exc:  # noqa: BLE001 - shown to the user, logged with traceback
+            except Exception as exc:  # broad on purpose: shown to the user, logged with traceback
                 log.exception("segmentation failed")
                 return "error", exc
 

@@ -376,10 +376,10 @@ def _import_everything_now() -> None:
     in on an import (e.g. the package was upgraded or edited while it was running)."""
     import matplotlib.pyplot  # noqa: F401
 
-    import cryoves.evaluate  # noqa: F401
-    import cryoves.postprocess.adaptive  # noqa: F401
-    import cryoves.postprocess.threshold  # noqa: F401
-    import cryoves.predict  # noqa: F401
+    import cryoves.evaluate
+    import cryoves.postprocess.adaptive
+    import cryoves.postprocess.threshold
+    import cryoves.predict
     import cryoves.simulate  # noqa: F401
 
 

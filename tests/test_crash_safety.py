@@ -24,8 +24,8 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
+from cryoves.atomic import MANIFEST_NAME
 from cryoves.io import write_mrc
-from cryoves.io.atomic import MANIFEST_NAME
 from cryoves.pipeline import OUTPUT_FILES, is_complete_result
 from cryoves.vesicles import VesicleTable
 
@@ -38,7 +38,7 @@ _WRAPPER = textwrap.dedent(
     import os, signal, sys
     n = int(os.environ.get("KILL_AT_FSYNC", "0"))
     if n:
-        import cryoves.io.atomic as atomic
+        import cryoves.atomic as atomic
         real, calls = atomic._fsync, [0]
         def fsync(path):
             calls[0] += 1

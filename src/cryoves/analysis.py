@@ -28,8 +28,8 @@ import pandas as pd
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from cryoves.atomic import atomic_path, write_json_atomic
 from cryoves.errors import InputError, OutputExistsError
-from cryoves.io.atomic import atomic_path, write_json_atomic
 from cryoves.vesicles import VesicleTable, render_labels
 
 log = logging.getLogger(__name__)

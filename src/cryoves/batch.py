@@ -20,9 +20,10 @@ from typing import Any
 
 import pandas as pd
 
-from cryoves.errors import CryovesError, InputError, ParameterError
+from cryoves.atomic import atomic_path, make_dir
+from cryoves.cluster import managed_client
+from cryoves.errors import CryovesError, InputError
 from cryoves.io import MRC_SUFFIXES, TIFF_SUFFIXES
-from cryoves.io.atomic import atomic_path, make_dir
 from cryoves.pipeline import SegmentConfig, is_complete_result
 
 log = logging.getLogger(__name__)
@@ -174,84 +175,6 @@ def _worker_model(name: str) -> Any:
     return _WORKER_MODELS[name]
 
 
-def local_cluster_size(n_items: int, cores: int | None = None, memory_gib: float | None = None) -> tuple[int, int]:
-    """(workers, torch threads per worker) for a local cluster on this machine.
-
-    Each worker runs one tomogram at a time (Dask threads = 1) and gives torch the cores left to it,
-    so workers × torch threads = cores: no oversubscription. A worker needs ~6 GiB for a typical
-    1k×1k×300 tomogram, which caps the worker count on small-memory machines.
-    """
-    cores = cores or os.cpu_count() or 1
-    if memory_gib is None:
-        try:
-            memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-        except (ValueError, OSError, AttributeError):
-            memory_gib = 8.0
-    workers = max(1, min(n_items, cores // 2 or 1, int(memory_gib // 6) or 1))
-    return workers, max(1, cores // workers)
-
-
-def _torch_threads_plugin(n: int) -> Any:
-    """A worker plugin giving torch ``n`` threads, also in workers restarted after a crash."""
-    from distributed import WorkerPlugin
-
-    class TorchThreads(WorkerPlugin):
-        name = "cryoves-torch-threads"
-
-        def setup(self, worker: Any) -> None:
-            import torch
-
-            torch.set_num_threads(n)
-
-    return TorchThreads()
-
-
-def make_client(
-    n_items: int,
-    *,
-    scheduler: str | None = None,
-    slurm: str | os.PathLike | None = None,
-    n_workers: int | None = None,
-    threads: int | None = None,
-) -> Any:
-    """A Dask client: an existing scheduler, a SLURM cluster from a YAML file, or a local cluster."""
-    from distributed import Client, LocalCluster
-
-    if scheduler and slurm:
-        raise ParameterError("give either --scheduler or --slurm, not both")
-    if scheduler:
-        return Client(scheduler)
-    if slurm:
-        return _slurm_client(Path(slurm), n_items)
-    workers, torch_threads = local_cluster_size(n_items)
-    workers = n_workers or workers
-    torch_threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=0
-    )
-    client = Client(cluster)
-    client.register_plugin(_torch_threads_plugin(torch_threads))
-    log.info("local Dask cluster: %d workers x %d torch threads", workers, torch_threads)
-    return client
-
-
-def _slurm_client(path: Path, n_items: int) -> Any:
-    try:
-        import yaml
-        from dask_jobqueue import SLURMCluster
-        from distributed import Client
-    except ImportError as exc:
-        raise ParameterError("SLURM needs dask-jobqueue: pip install 'cryoves[slurm]'") from exc
-    try:
-        opts = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise InputError(f"cannot read SLURM configuration {path}: {exc}") from exc
-    jobs = int(opts.pop("jobs", min(n_items, 10)))
-    cluster = SLURMCluster(**opts)
-    cluster.scale(jobs=jobs)
-    return Client(cluster)
-
-
 def run_batch(
     inputs: list[str | os.PathLike],
     outroot: str | os.PathLike,
@@ -284,17 +207,8 @@ def run_batch(
         else:
             todo.append(it)
     if todo:
-        own_client = client is None
-        if own_client:
-            client = make_client(len(todo), scheduler=scheduler, slurm=slurm, n_workers=n_workers)
-        try:
-            records.extend(_run_tasks(client, todo, str(outroot), config, progress))
-        finally:
-            if own_client:
-                cluster = getattr(client, "cluster", None)
-                client.close()
-                if cluster is not None:
-                    cluster.close()
+        with managed_client(len(todo), client=client, scheduler=scheduler, slurm=slurm, n_workers=n_workers) as c:
+            records.extend(_run_tasks(c, todo, str(outroot), config, progress))
     order = {str(it.tomogram): k for k, it in enumerate(items)}
     summary = pd.DataFrame(records, columns=SUMMARY_COLUMNS)
     summary = summary.sort_values("tomogram", key=lambda s: s.map(order)).reset_index(drop=True)

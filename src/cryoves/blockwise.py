@@ -218,7 +218,7 @@ def _final_array(out: Path | None, tomo: Tomogram) -> Iterator[Any]:
     elif out.suffix.lower() == ".zarr":
         import zarr
 
-        from cryoves.io.atomic import atomic_dir
+        from cryoves.atomic import atomic_dir
 
         with atomic_dir(out) as tmp:
             chunks = tuple(min(s, c) for s, c in zip(tomo.shape, (64, 256, 256), strict=True))
@@ -271,7 +271,7 @@ def predict_blockwise(
     GPU only when the client sees one too). Returns a
     :class:`cryoves.predict.PredictionResult` (probabilities on the tomogram grid, (z, y, x)).
     """
-    from cryoves.io.atomic import check_file_output
+    from cryoves.atomic import check_file_output
     from cryoves.model import LoadedModel, load_model
     from cryoves.predict import (
         DEFAULT_CONTEXT,
@@ -506,6 +506,20 @@ def _assemble(intensity, items, results, opts, vs) -> tuple[Any, pd.DataFrame]:
 # one tomogram on a cluster
 
 
+class DaskBackend:
+    """The :class:`cryoves.pipeline.Backend` that splits prediction and sphere fitting of one
+    tomogram into blocks on the workers of ``client`` (same results as the single-process backend)."""
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    def predict(self, tomo: Tomogram, model: Any, **kwargs: Any) -> Any:
+        return predict_blockwise(tomo, model, self.client, **kwargs)
+
+    def fit_spheres(self, intensity: np.ndarray, labels: np.ndarray, voxel_size_a: float) -> tuple[Any, pd.DataFrame]:
+        return fit_spheres_blockwise(intensity, labels, voxel_size_a, self.client)
+
+
 def segment_split(
     tomo: Tomogram | str | os.PathLike,
     outdir: str | os.PathLike | None,
@@ -520,20 +534,12 @@ def segment_split(
 
     ``scheduler``: address of a running Dask scheduler (``tcp://host:8786``); ``slurm``: a
     dask-jobqueue YAML file (docs/batch.md); otherwise a local cluster of ``workers`` processes
-    (default: sized to this machine, see :func:`cryoves.batch.local_cluster_size`). A cluster
+    (default: sized to this machine, see :func:`cryoves.cluster.local_cluster_size`). A cluster
     started here is closed after the call.
     """
-    from cryoves.batch import make_client
+    from cryoves.cluster import managed_client
     from cryoves.pipeline import segment
 
-    if workers is not None and workers < 1:
-        raise ParameterError(f"--workers must be at least 1, got {workers}")
     # many blocks: the local cluster is sized by cores and memory, not by the item count
-    client = make_client(1 << 16, scheduler=scheduler, slurm=slurm, n_workers=workers)
-    cluster = getattr(client, "cluster", None) if scheduler is None else None
-    try:
-        return segment(tomo, outdir, config, force=force, client=client)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    with managed_client(1 << 16, scheduler=scheduler, slurm=slurm, n_workers=workers) as client:
+        return segment(tomo, outdir, config, force=force, backend=DaskBackend(client))

@@ -186,8 +186,8 @@ def evaluate_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Compare predicted vesicles with ground truth (F1 by centre and by IoU>=0.5, Dice, SBD, δd, Δc)."""
+    from cryoves.atomic import check_file_output
     from cryoves.evaluate import evaluate_files, write_evaluation
-    from cryoves.io.atomic import check_file_output
 
     if json_file is not None:
         check_file_output(json_file, force=force)

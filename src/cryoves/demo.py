@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cryoves.io.atomic import write_json_atomic
+from cryoves.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 

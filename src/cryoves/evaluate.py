@@ -43,8 +43,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from cryoves.atomic import atomic_path, make_dir, removing_new_dirs, write_json_atomic
 from cryoves.errors import InputError, OutputExistsError, VoxelSizeError
-from cryoves.io.atomic import atomic_path, make_dir, removing_new_dirs, write_json_atomic
 from cryoves.vesicles import VesicleTable
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ last so a folder without it is never mistaken for a complete result.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -25,9 +24,9 @@ import numpy as np
 import pandas as pd
 
 from cryoves import __version__
+from cryoves.atomic import MANIFEST_NAME, atomic_path, prepare_output_dir, write_json_atomic
 from cryoves.errors import Cancelled, InputError, VoxelSizeError
 from cryoves.io import Tomogram, read_tomogram, write_mrc
-from cryoves.io.atomic import MANIFEST_NAME, atomic_path, prepare_output_dir, write_json_atomic
 from cryoves.vesicles import VesicleTable
 
 log = logging.getLogger(__name__)
@@ -95,6 +94,25 @@ class SegmentResult:
     outdir: Path | None = None
     stage_labels: dict[str, np.ndarray] = field(default_factory=dict)
     """Intermediate label volumes (global threshold, adaptive), kept only when asked for."""
+
+
+class Backend:
+    """Where :func:`segment` runs its two expensive steps; this default runs them in this process.
+
+    :class:`cryoves.blockwise.DaskBackend` splits them into blocks on a Dask cluster instead
+    (same results). ``predict`` takes the arguments of :func:`cryoves.predict.predict_tomogram`
+    and ``fit_spheres`` those of :func:`cryoves.postprocess.spheres.fit_spheres`.
+    """
+
+    def predict(self, tomo: Tomogram, model: Any, **kwargs: Any) -> Any:
+        from cryoves.predict import predict_tomogram
+
+        return predict_tomogram(tomo, model, **kwargs)
+
+    def fit_spheres(self, intensity: np.ndarray, labels: np.ndarray, voxel_size_a: float) -> tuple[Any, pd.DataFrame]:
+        from cryoves.postprocess.spheres import fit_spheres
+
+        return fit_spheres(intensity, labels, voxel_size_a)
 
 
 class _Steps:
@@ -188,11 +206,9 @@ def _read_mask(path: str) -> np.ndarray:
 
 
 def _probability(
-    tomo: Tomogram, cfg: SegmentConfig, outdir: Path | None, input_sha: str, model: Any = None, client: Any = None
+    tomo: Tomogram, cfg: SegmentConfig, outdir: Path | None, input_sha: str, model: Any, backend: Backend
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Network probability on the tomogram grid, reused from ``outdir`` when the cache key matches.
-
-    With a Dask ``client`` the tomogram is predicted block by block on its workers (same result)."""
+    """Network probability on the tomogram grid, reused from ``outdir`` when the cache key matches."""
     if cfg.from_probability:
         p = read_tomogram(cfg.from_probability, voxel_size=tomo.voxel_size_a, validate=True)
         if p.shape != tomo.shape:
@@ -208,7 +224,6 @@ def _probability(
             )
         return np.clip(prob, 0, 1), {"source": str(cfg.from_probability), "inverted": bool(cfg.invert)}
     from cryoves.model import load_model
-    from cryoves.predict import predict_tomogram
 
     model = model if model is not None else load_model(cfg.model)
     key_src = json.dumps(
@@ -229,11 +244,7 @@ def _probability(
         if cached is not None:
             log.info("probability map reused from %s (cache key %s)", outdir, key)
             return cached
-    if client is not None:
-        from cryoves.blockwise import predict_blockwise
-
-        predict_tomogram = functools.partial(predict_blockwise, client=client)
-    res = predict_tomogram(
+    res = backend.predict(
         tomo,
         model,
         device=cfg.device,
@@ -288,7 +299,7 @@ def segment(
     should_stop: Callable[[], bool] | None = None,
     keep_stages: bool = False,
     model: Any = None,
-    client: Any = None,
+    backend: Backend | None = None,
 ) -> SegmentResult:
     """Segment the vesicles of ``tomo`` and, when ``outdir`` is given, write every output there.
 
@@ -297,16 +308,17 @@ def segment(
     each step; ``should_stop()`` returning True raises :class:`~cryoves.errors.Cancelled`.
     ``model`` is an already loaded model (``cryoves.model.load_model``) to use instead of
     ``config.model`` (batch workers load it once); ``keep_stages`` keeps intermediate labels.
-    ``client``: a Dask client; prediction and sphere fitting of this one tomogram are then split
-    into blocks across its workers (:mod:`cryoves.blockwise`), with the single-process result.
+    ``backend`` runs prediction and sphere fitting (default :class:`Backend`, this process;
+    ``cryoves.blockwise.DaskBackend(client)`` splits them into blocks on a Dask cluster, with the
+    single-process result).
     On an error the output folder is left without partial files (and removed if this call
     created it).
     """
-    from cryoves.io.atomic import removing_new_dirs
+    from cryoves.atomic import removing_new_dirs
 
     with removing_new_dirs(outdir) if outdir is not None else contextlib.nullcontext():
         return _segment(tomo, outdir, config, force=force, progress=progress, should_stop=should_stop,
-                        keep_stages=keep_stages, model=model, client=client)
+                        keep_stages=keep_stages, model=model, backend=backend or Backend())
 
 
 def _segment(
@@ -319,12 +331,11 @@ def _segment(
     should_stop: Callable[[], bool] | None,
     keep_stages: bool,
     model: Any,
-    client: Any = None,
+    backend: Backend,
 ) -> SegmentResult:
     from cryoves.postprocess.adaptive import label_vesicles, rejoin_duplicate_pieces
     from cryoves.postprocess.masks import restrict_probability, vesicles_in_region
     from cryoves.postprocess.outliers import repair
-    from cryoves.postprocess.spheres import fit_spheres
     from cryoves.postprocess.threshold import global_threshold
 
     cfg = config or SegmentConfig()
@@ -344,7 +355,7 @@ def _segment(
         else steps.run("checksum", 0.02, _array_sha256, np.asarray(tomo.data))
     )
     cyto, az = steps.run("masks", 0.04, _region_masks, cfg, tomo.shape)
-    prob, pred_info = steps.run("predict", 0.05, _probability, tomo, cfg, out, input_sha, model, client)
+    prob, pred_info = steps.run("predict", 0.05, _probability, tomo, cfg, out, input_sha, model, backend)
 
     intensity = tomo.asarray(np.float32)
     if pred_info.get("inverted"):
@@ -371,17 +382,13 @@ def _segment(
     )
     if keep_stages:
         stage_labels["adaptive"] = labels.copy()
-    if client is not None:
-        from cryoves.blockwise import fit_spheres_blockwise
-
-        fit_spheres = functools.partial(fit_spheres_blockwise, client=client)
-    spheres, rej_fit = steps.run("spheres", 0.8, fit_spheres, intensity, labels, vs)
+    spheres, rej_fit = steps.run("spheres", 0.8, backend.fit_spheres, intensity, labels, vs)
     joined, new_ids = rejoin_duplicate_pieces(labels, spheres.ids, spheres.centres, spheres.radii)
     if new_ids:
         # refit with the whole objects in place of their pieces (measured: better than letting the
         # pieces' fits compete with the whole object's, which loses vesicles cut by the volume border)
         labels = joined
-        spheres, rej_fit = steps.run("refit", 0.85, fit_spheres, intensity, labels, vs)
+        spheres, rej_fit = steps.run("refit", 0.85, backend.fit_spheres, intensity, labels, vs)
     if keep_stages:
         stage_labels["spheres"] = spheres.to_labels(tomo.shape)
     vesicles, rej_repair = steps.run(

@@ -472,7 +472,7 @@ def _output_array(out: Path, tomo: Tomogram) -> Iterator[np.ndarray]:
     """
     import mrcfile
 
-    from cryoves.io.atomic import atomic_path
+    from cryoves.atomic import atomic_path
 
     suffix = out.suffix.lower()
     if suffix not in (*MRC_OUTPUT_SUFFIXES, ".npy"):
@@ -541,7 +541,7 @@ def predict_tomogram(
     kept unless ``force``) and returned as a read-only memory map; every full-size intermediate
     is then a temporary memory map beside it, so tomograms larger than RAM work.
     """
-    from cryoves.io.atomic import check_file_output, make_dir
+    from cryoves.atomic import check_file_output, make_dir
     from cryoves.preprocess import _target_shape, model_grid_scale
 
     t0 = time.perf_counter()
@@ -613,8 +613,8 @@ def predict_file(
 
     Other keyword arguments are those of :func:`predict_tomogram`.
     """
+    from cryoves.atomic import check_file_output, removing_new_dirs
     from cryoves.io import read_tomogram
-    from cryoves.io.atomic import check_file_output, removing_new_dirs
 
     check_file_output(out, force=force)
     tomo = read_tomogram(tomogram, voxel_size=voxel_size)

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cryoves.atomic import MANIFEST_NAME, atomic_path, write_text_atomic
 from cryoves.errors import InputError
-from cryoves.io.atomic import MANIFEST_NAME, atomic_path, write_text_atomic
 from cryoves.vesicles import VesicleTable
 
 log = logging.getLogger(__name__)

@@ -49,8 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from cryoves.atomic import atomic_path
 from cryoves.errors import FormatError, InputError, VoxelSizeError
-from cryoves.io.atomic import atomic_path
 from cryoves.io.tomogram import validate_voxel_size
 from cryoves.vesicles import VesicleTable
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from cryoves.atomic import atomic_path
 from cryoves.errors import FormatError, InputError, VoxelSizeError
-from cryoves.io.atomic import atomic_path
 from cryoves.io.tomogram import Tomogram, resolve_voxel_size, validate_volume
 
 log = logging.getLogger(__name__)

@@ -308,7 +308,7 @@ def save_checkpoint(path: str | os.PathLike, net: UNet3D, info: ModelInfo) -> Pa
     The stored ``info.sha256`` is the hash of the written weight file; ``info.architecture`` is
     taken from the network. Files are written atomically.
     """
-    from cryoves.io.atomic import atomic_path, write_json_atomic
+    from cryoves.atomic import atomic_path, write_json_atomic
 
     path = Path(path)
     info = dataclasses.replace(info, architecture=dict(net.config))

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cryoves.atomic import MANIFEST_NAME, write_json_atomic
 from cryoves.errors import FormatError, InputError, OutputExistsError, ParameterError
-from cryoves.io.atomic import MANIFEST_NAME, write_json_atomic
 from cryoves.vesicles import VesicleTable, render_labels
 
 log = logging.getLogger(__name__)
@@ -515,7 +515,7 @@ class EditSession:
         table = self.table
         written: dict[str, Path] = {"csv": table.write_csv(outdir / "vesicles.csv")}
         rej = self.rejected
-        from cryoves.io.atomic import atomic_path
+        from cryoves.atomic import atomic_path
 
         with atomic_path(outdir / "rejected.csv") as tmp:
             rej.to_csv(tmp, index=False, float_format="%.4f")

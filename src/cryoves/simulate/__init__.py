@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 from cryoves import __version__
+from cryoves.atomic import prepare_output_dir, write_json_atomic, write_text_atomic
 from cryoves.io import Tomogram, write_mrc
-from cryoves.io.atomic import prepare_output_dir, write_json_atomic, write_text_atomic
 from cryoves.simulate.config import (
     PRESETS,
     SimulationConfig,

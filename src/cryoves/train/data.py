@@ -318,7 +318,7 @@ def cached_simulation(seed: int, src: SimulatedSource, grid: ModelGrid, cache: P
         except (OSError, ValueError, KeyError) as exc:
             log.warning("ignoring unreadable cached simulation %s: %s", folder, exc)
     vol = simulate_volume(seed, src, grid, large)
-    from cryoves.io.atomic import atomic_path, write_json_atomic
+    from cryoves.atomic import atomic_path, write_json_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, arr in (("image", vol.image), ("target", vol.target)):

@@ -93,7 +93,7 @@ def test_batch_api_records_failures_without_raising(tmp_path, model_path):
 def test_no_vesicles_gives_an_empty_table(tmp_path, model_path):
     import pandas as pd
 
-    from cryoves.pipeline import is_complete_result
+    from cryoves.results import is_complete_result
 
     setup = _build(next(c for c in CASES if c.name == "no_vesicles"), tmp_path)
     res = run_cli("segment", setup, tmp_path, model_path)

@@ -24,9 +24,8 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from cryoves.atomic import MANIFEST_NAME
 from cryoves.io import write_mrc
-from cryoves.pipeline import OUTPUT_FILES, is_complete_result
+from cryoves.results import MANIFEST_NAME, OUTPUT_FILES, is_complete_result
 from cryoves.vesicles import VesicleTable
 
 SHAPE = (48, 80, 80)

@@ -24,7 +24,8 @@ from cryoves.atomic import atomic_path, make_dir
 from cryoves.cluster import managed_client
 from cryoves.errors import CryovesError, InputError
 from cryoves.io import MRC_SUFFIXES, TIFF_SUFFIXES
-from cryoves.pipeline import SegmentConfig, is_complete_result
+from cryoves.pipeline import SegmentConfig
+from cryoves.results import OUTPUT_FILES, is_complete_result
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def run_batch(
         if not force and is_complete_result(outroot / it.output):
             records.append(
                 {"tomogram": str(it.tomogram), "output": str(outroot / it.output), "status": "skipped",
-                 "n_vesicles": _count_rows(outroot / it.output / "vesicles.csv"), "seconds": 0.0,
+                 "n_vesicles": _count_rows(outroot / it.output / OUTPUT_FILES["vesicles"]), "seconds": 0.0,
                  "worker": "", "error": ""}
             )
         else:

@@ -174,7 +174,7 @@ def convert_cmd(
 # --------------------------------------------------------------------------- evaluation / analysis
 @app.command("evaluate")
 def evaluate_cmd(
-    pred: Annotated[Path, typer.Argument(help="Predicted vesicles: vesicle CSV or label MRC.")],
+    pred: Annotated[Path, typer.Argument(help="Predicted vesicles: vesicle CSV, label MRC or a result folder.")],
     gt: Annotated[Path, typer.Argument(help="Ground truth: vesicle CSV or label MRC.")],
     mask: Annotated[Optional[Path], typer.Option("--mask", help="Region mask; vesicles centred outside are ignored.")] = None,
     prob: Annotated[Optional[Path], typer.Option("--prob", help="Probability map for the soft Dice.")] = None,

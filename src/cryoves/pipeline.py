@@ -10,6 +10,7 @@ last so a folder without it is never mistaken for a complete result.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -24,25 +25,21 @@ import numpy as np
 import pandas as pd
 
 from cryoves import __version__
-from cryoves.atomic import MANIFEST_NAME, atomic_path, prepare_output_dir, write_json_atomic
+from cryoves.atomic import atomic_path
 from cryoves.errors import Cancelled, InputError, VoxelSizeError
 from cryoves.io import Tomogram, read_tomogram, write_mrc
+from cryoves.results import (
+    MANIFEST_NAME,
+    OUTPUT_FILES,
+    file_sha256,
+    prepare_output_dir,
+    segment_manifest,
+    write_result,
+)
 from cryoves.vesicles import VesicleTable
 
 log = logging.getLogger(__name__)
 
-#: Fixed output names inside a segmentation folder (see docs/formats.md).
-OUTPUT_FILES = {
-    "vesicles": "vesicles.csv",
-    "star": "vesicles.star",
-    "labels": "labels.mrc",
-    "probability": "probability.mrc",
-    "mod": "vesicles.mod",
-    "rejected": "rejected.csv",
-    "pyto": "pyto_labels.mrc",
-    "cytoplasm_mask": "cytoplasm_mask.mrc",
-    "active_zone_mask": "active_zone_mask.mrc",
-}
 REJECTED_COLUMNS = ["id", "z", "y", "x", "radius", "step", "reason"]
 
 Progress = Callable[[str, float], None]
@@ -133,14 +130,6 @@ class _Steps:
         out = fn(*args, **kwargs)
         self.timings[name] = round(time.perf_counter() - t0, 3)
         return out
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _array_sha256(arr: np.ndarray) -> str:
@@ -408,28 +397,31 @@ def _segment(
     final_labels = steps.run("render", 0.95, vesicles.to_labels, tomo.shape)
     rejected = _rejected_frame(rej_adaptive, rej_fit, rej_repair, rej_region)
 
-    manifest: dict[str, Any] = {
-        "cryoves_version": __version__,
-        "command": "segment",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "inputs": {
+    manifest = segment_manifest(
+        version=__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        inputs={
             "tomogram": str(tomo.path) if tomo.path else None,
             "sha256": input_sha,
             "shape": list(tomo.shape),
             "voxel_size_a": list(tomo.voxel_size),
             "origin_a": list(tomo.origin),
         },
-        "parameters": cfg.to_dict(),
-        "prediction": _jsonable(pred_info),
-        "threshold": threshold,
-        "threshold_searched": searched,
-        "n_vesicles": len(vesicles),
-        "n_rejected": int(len(rejected)),
-        "timings_s": steps.timings,
-        "outputs": {},
-    }
+        parameters=cfg.to_dict(),
+        prediction=_jsonable(pred_info),
+        threshold=threshold,
+        threshold_searched=searched,
+        n_vesicles=len(vesicles),
+        n_rejected=int(len(rejected)),
+        timings_s=steps.timings,
+    )
     if out is not None:
-        _write_outputs(out, tomo, vesicles, rejected, prob, final_labels, cyto, az, manifest, steps)
+        write_result(
+            out,
+            functools.partial(_write_result_files, tomo=tomo, vesicles=vesicles, rejected=rejected, prob=prob,
+                              labels=final_labels, cyto=cyto, az=az, manifest=manifest, steps=steps),
+            manifest,
+        )
         if cfg.report and tomo.path is not None:
             steps.run("report", 0.99, _write_report, out)
     return SegmentResult(vesicles, rejected, prob, final_labels, manifest, out, stage_labels)
@@ -455,31 +447,9 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def _write_outputs(out: Path, *results: Any) -> None:
-    """Write every result file, then the manifest; on failure leave no partial result.
-
-    ``results`` are the arguments of :func:`_write_result_files` after ``out``.
-    """
-    # An older manifest would make a half-rewritten folder look complete: remove it first.
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    for name in [*OUTPUT_FILES.values(), MANIFEST_NAME]:  # temporaries of a killed earlier run
-        for stale in out.glob(f".{Path(name).stem}.*.tmp{Path(name).suffix}"):
-            with contextlib.suppress(OSError):
-                stale.unlink()
-    try:
-        _write_result_files(out, *results)
-    except BaseException:
-        # e.g. disk full half-way: leave no partial result (the manifest is already gone)
-        from cryoves.io.pyto import ids_path
-
-        for name in [*OUTPUT_FILES.values(), ids_path(out / OUTPUT_FILES["pyto"]).name]:
-            with contextlib.suppress(OSError):
-                (out / name).unlink(missing_ok=True)
-        raise
-
-
 def _write_result_files(
     out: Path,
+    *,
     tomo: Tomogram,
     vesicles: VesicleTable,
     rejected: pd.DataFrame,
@@ -489,7 +459,8 @@ def _write_result_files(
     az: np.ndarray | None,
     manifest: dict[str, Any],
     steps: _Steps,
-) -> None:
+) -> list[str]:
+    """Every output file of a segmentation (for :func:`cryoves.results.write_result`); their names."""
     from cryoves.io.imod import write_vesicles_mod
     from cryoves.io.tables import write_vesicles
 
@@ -517,8 +488,7 @@ def _write_result_files(
         written.append(f["active_zone_mask"])
     steps.timings["write"] = round(time.perf_counter() - t0, 3)
     manifest["timings_s"] = steps.timings
-    manifest["outputs"] = {name: file_sha256(out / name) for name in written}
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    return written
 
 
 def _write_report(out: Path) -> None:
@@ -529,16 +499,3 @@ def _write_report(out: Path) -> None:
         make_report(out)
     except Exception as exc:  # noqa: BLE001 - the report must never invalidate a finished segmentation
         log.warning("QC report not written: %s (run 'cryoves report %s' to retry)", exc, out)
-
-
-def is_complete_result(outdir: str | os.PathLike) -> bool:
-    """True when ``outdir`` holds a manifest and every output it lists with a matching checksum."""
-    outdir = Path(outdir)
-    try:
-        manifest = json.loads((outdir / MANIFEST_NAME).read_text())
-        outputs = manifest["outputs"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return bool(outputs) and all(
-        (outdir / name).is_file() and file_sha256(outdir / name) == sha for name, sha in outputs.items()
-    )

@@ -36,6 +36,7 @@ from qtpy.QtWidgets import (
 from cryoves.errors import CryovesError, VoxelSizeError
 from cryoves.napari._reader import points_kwargs, robust_contrast_limits, source_colours
 from cryoves.napari._session import RECOVERY_NAME, EditSession, QueueItem, load_result
+from cryoves.results import is_result_folder
 
 log = logging.getLogger(__name__)
 
@@ -691,7 +692,7 @@ class SegmentWidget(QWidget):
             )
         editor = self.editor_widget()
         outdir = getattr(value, "outdir", None)
-        if outdir is not None and Path(outdir, "vesicles.csv").exists():
+        if outdir is not None and is_result_folder(outdir):
             editor.open_result(outdir, recover=False, image_layer=layer)
         else:
             session = EditSession(

@@ -24,6 +24,7 @@ import pandas as pd
 
 from cryoves.errors import FormatError, InputError
 from cryoves.io.tomogram import Tomogram
+from cryoves.results import OUTPUT_FILES
 from cryoves.train.config import SimulatedSource, TomogramSource
 from cryoves.vesicles import VesicleTable, render_labels
 
@@ -309,7 +310,7 @@ def cached_simulation(seed: int, src: SimulatedSource, grid: ModelGrid, cache: P
             meta = json.loads(meta_path.read_text())
             image = np.load(folder / "image.npy")
             target = np.load(folder / "target.npy")
-            df = pd.read_csv(folder / "vesicles.csv")
+            df = pd.read_csv(folder / OUTPUT_FILES["vesicles"])
             table = VesicleTable(df, meta["grid_voxel_size_a"])
             return TrainingVolume(
                 name=meta["name"], image=image, target=target, weight=np.ones(image.shape, np.uint8),
@@ -325,7 +326,7 @@ def cached_simulation(seed: int, src: SimulatedSource, grid: ModelGrid, cache: P
         with atomic_path(folder / f"{name}.npy") as tmp:
             np.save(tmp, arr)
     assert vol.vesicles is not None
-    vol.vesicles.write_csv(folder / "vesicles.csv")
+    vol.vesicles.write_csv(folder / OUTPUT_FILES["vesicles"])
     write_json_atomic(meta_path, dict(name=vol.name, source_voxel_size_a=vol.source_voxel_size_a,
                                       scale=list(vol.scale), grid_voxel_size_a=vol.vesicles.voxel_size))
     return vol

@@ -32,9 +32,10 @@ import torch
 from torch.nn import functional as F
 
 from cryoves import __version__
-from cryoves.atomic import MANIFEST_NAME, atomic_path, prepare_output_dir, write_json_atomic, write_text_atomic
+from cryoves.atomic import atomic_path, write_json_atomic, write_text_atomic
 from cryoves.errors import InputError, ModelError, OutputExistsError, ParameterError
 from cryoves.postprocess.threshold import threshold_grid
+from cryoves.results import MANIFEST_NAME, prepare_output_dir
 from cryoves.train.augment import augment_batch
 from cryoves.train.config import TrainConfig
 from cryoves.train.data import (

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cryoves import __version__
+from cryoves import DEFAULT_MODEL, __version__
 from cryoves.atomic import atomic_path
 from cryoves.errors import Cancelled, InputError, VoxelSizeError
 from cryoves.io import Tomogram, read_tomogram, write_mrc
@@ -49,7 +49,7 @@ Progress = Callable[[str, float], None]
 class SegmentConfig:
     """Every parameter of a ``segment`` run (recorded in the manifest)."""
 
-    model: str = "cryoves-default"
+    model: str = DEFAULT_MODEL
     voxel_size: float | None = None
     """Voxel size in Å overriding the file header."""
     invert: bool | None = None
@@ -72,6 +72,8 @@ class SegmentConfig:
     tta: int = 1
     device: str = "auto"
     precision: str = "auto"
+    tile: int | None = None
+    """Prediction tile side in model voxels; None chooses it from the memory."""
     max_mahalanobis_p: float = 1e-4
     """Outliers: vesicles with χ² p-value below this (after re-refinement) are removed."""
     min_profile_correlation: float = 0.3
@@ -211,7 +213,7 @@ def _probability(
                 f"{cfg.from_probability} is not a probability map (values outside [0, 1]); give the map written by "
                 "'cryoves predict' or by an earlier segment run"
             )
-        return np.clip(prob, 0, 1), {"source": str(cfg.from_probability), "inverted": bool(cfg.invert)}
+        return np.clip(prob, 0, 1), _map_info(cfg)
     from cryoves.model import load_model
 
     model = model if model is not None else load_model(cfg.model)
@@ -224,6 +226,7 @@ def _probability(
             "radius": cfg.vesicle_radius_nm,
             "tta": cfg.tta,
             "precision": cfg.precision,
+            **({"tile": cfg.tile} if cfg.tile is not None else {}),  # keys of earlier runs stay valid
         },
         sort_keys=True,
     )
@@ -241,10 +244,27 @@ def _probability(
         invert=cfg.invert,
         vesicle_radius_nm=cfg.vesicle_radius_nm,
         precision=cfg.precision,
+        tile=cfg.tile,
     )
     info = dict(res.info)
     info["cache_key"] = key
     return np.asarray(res.prob, dtype=np.float32), info
+
+
+def _map_info(cfg: SegmentConfig) -> dict[str, Any]:
+    """What is known about a ``--from-probability`` map: from the JSON ``cryoves predict`` writes
+    beside it (model, its threshold range, inversion), else only what the options say."""
+    from cryoves.predict import read_map_info
+
+    described = read_map_info(cfg.from_probability) or {}
+    info: dict[str, Any] = {"source": str(cfg.from_probability)}
+    for key in ("model", "model_sha256", "threshold_range", "polarity", "cryoves_version"):
+        if key in described:
+            info[key] = described[key]
+    if cfg.model != DEFAULT_MODEL and "model" in described and cfg.model != described["model"]:
+        log.warning("--model %s ignored: %s was made by %s", cfg.model, cfg.from_probability, described["model"])
+    info["inverted"] = bool(cfg.invert) if cfg.invert is not None else bool(described.get("inverted", False))
+    return info
 
 
 def _cached_probability(outdir: Path, key: str, shape: tuple[int, ...]) -> tuple[np.ndarray, dict] | None:
@@ -353,7 +373,7 @@ def _segment(
         prob = steps.run("restrict", 0.6, restrict_probability, prob, cyto)
 
     if cfg.threshold is None:
-        grid = _threshold_candidates(cfg, model)
+        grid = _threshold_candidates(cfg, model, pred_info)
         th = steps.run("global_threshold", 0.65, global_threshold, prob, intensity, grid)
         threshold = float(th.threshold)
         searched = [float(grid[0]), float(grid[-1])]
@@ -427,13 +447,16 @@ def _segment(
     return SegmentResult(vesicles, rejected, prob, final_labels, manifest, out, stage_labels)
 
 
-def _threshold_candidates(cfg: SegmentConfig, model: Any) -> np.ndarray:
-    """The global threshold grid: the configured range, else the one stored with the model."""
+def _threshold_candidates(cfg: SegmentConfig, model: Any, pred_info: dict[str, Any]) -> np.ndarray:
+    """The global threshold grid: the configured range, else the one of the model that made the
+    map (described beside a ``--from-probability`` map), else the one stored with ``cfg.model``."""
     from cryoves.model import model_info
     from cryoves.postprocess.threshold import threshold_grid
 
     if cfg.threshold_range is not None:
         return threshold_grid(cfg.threshold_range)
+    if pred_info.get("threshold_range"):
+        return threshold_grid(tuple(pred_info["threshold_range"]))
     return model_info(model if model is not None else cfg.model).threshold_grid()
 
 

@@ -33,10 +33,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from cryoves.errors import ParameterError, ResourceError
+from cryoves import DEFAULT_MODEL
+from cryoves.errors import FormatError, ParameterError, ResourceError
 from cryoves.io.tomogram import Tomogram
 from cryoves.model import LoadedModel, UNet3D, load_model
 from cryoves.model.unet import fused_inference_copy
+from cryoves.postprocess.threshold import DEFAULT_THRESHOLD_RANGE
 from cryoves.preprocess import (
     detect_polarity,
     from_model_grid,
@@ -518,7 +520,7 @@ def _open_result(out: Path) -> np.ndarray:
 
 def predict_tomogram(
     tomo: Tomogram,
-    model: str | os.PathLike | LoadedModel = "cryovesnet",
+    model: str | os.PathLike | LoadedModel = DEFAULT_MODEL,
     *,
     device: str = "auto",
     tta: int = 1,
@@ -604,12 +606,13 @@ def predict_file(
     out: str | os.PathLike,
     *,
     voxel_size: float | None = None,
-    model: str | os.PathLike | LoadedModel = "cryovesnet",
+    model: str | os.PathLike | LoadedModel = DEFAULT_MODEL,
     force: bool = False,
     **kwargs: Any,
 ) -> PredictionResult:
     """Read a tomogram (MRC/REC, TIFF, OME-Zarr; ``voxel_size`` Å overrides the header) and
-    write its probability map to ``out`` (.mrc with voxel size and origin, or .npy).
+    write its probability map to ``out`` (.mrc with voxel size and origin, or .npy), and beside
+    it the map's description (:func:`map_info_path`; read by ``segment --from-probability``).
 
     Other keyword arguments are those of :func:`predict_tomogram`.
     """
@@ -619,4 +622,58 @@ def predict_file(
     check_file_output(out, force=force)
     tomo = read_tomogram(tomogram, voxel_size=voxel_size)
     with removing_new_dirs(Path(out).parent):
-        return predict_tomogram(tomo, model, out=out, force=force, **kwargs)
+        loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        res = predict_tomogram(tomo, loaded, out=out, force=force, **kwargs)
+        try:
+            write_map_info(out, res, tomo, loaded.info.threshold_range)
+        except BaseException:
+            Path(out).unlink(missing_ok=True)  # a map without its description would be misread
+            raise
+    return res
+
+
+def map_info_path(prob_path: str | os.PathLike) -> Path:
+    """Where the description of a probability map is: ``prob.mrc`` → ``prob.mrc.json``."""
+    p = Path(prob_path)
+    return p.with_name(p.name + ".json")
+
+
+def write_map_info(
+    prob_path: str | os.PathLike, res: PredictionResult, tomo: Tomogram, threshold_range: Sequence[float] | None
+) -> Path:
+    """Write the JSON beside a probability map: which model made it (name, sha256, its threshold
+    range), on which grid (voxel size), with which contrast (inverted, polarity), by which cryoves."""
+    from cryoves import __version__
+    from cryoves.atomic import write_json_atomic
+
+    i = res.info
+    return write_json_atomic(map_info_path(prob_path), {
+        "kind": "probability_map",
+        "cryoves_version": __version__,
+        "model": i["model"],
+        "model_sha256": i["sha256"],
+        "threshold_range": [float(v) for v in (threshold_range or DEFAULT_THRESHOLD_RANGE)],
+        "inverted": bool(i["inverted"]),
+        "polarity": i["polarity"],
+        "voxel_size_a": [float(v) for v in tomo.voxel_size],
+        "shape": list(tomo.shape),
+        "vesicle_radius_nm": i.get("vesicle_radius_nm"),
+        "tta": i.get("tta"),
+        "precision": i.get("precision"),
+    })
+
+
+def read_map_info(prob_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The description written beside a probability map by ``cryoves predict``; None when absent."""
+    import json
+
+    path = map_info_path(prob_path)
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{path} is not readable JSON ({exc}); delete it or predict the map again") from exc
+    if not isinstance(info, dict) or "model" not in info:
+        raise FormatError(f"{path} does not describe a probability map; delete it or predict the map again")
+    return info

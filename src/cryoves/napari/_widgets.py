@@ -33,6 +33,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from cryoves import DEFAULT_MODEL
 from cryoves.errors import CryovesError, VoxelSizeError
 from cryoves.napari._reader import points_kwargs, robust_contrast_limits, source_colours
 from cryoves.napari._session import RECOVERY_NAME, EditSession, QueueItem, load_result
@@ -525,7 +526,7 @@ class SegmentWidget(QWidget):
         self.tta = QSpinBox(minimum=1, maximum=16, value=1)
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda"])
-        self.model = QLineEdit("cryoves-default")
+        self.model = QLineEdit(DEFAULT_MODEL)
         self.outdir = QLineEdit()
         self.outdir.setPlaceholderText("output folder (empty: keep in memory)")
         self.force = QCheckBox("overwrite an existing result")
@@ -593,7 +594,7 @@ class SegmentWidget(QWidget):
         from cryoves.pipeline import SegmentConfig
 
         return SegmentConfig(
-            model=self.model.text() or "cryoves-default",
+            model=self.model.text() or DEFAULT_MODEL,
             vesicle_radius_nm=self.radius.value() or None,
             min_radius_nm=self.min_radius.value(),
             tta=self.tta.value(),

@@ -164,12 +164,13 @@ def test_tile_too_big_for_memory_fails_before_any_work_and_the_suggestion_works(
     from typer.testing import CliRunner
 
     import cryoves.predict as pr
+    import cryoves.preprocess as pre
     from _hardening_utils import good_tomogram
     from cryoves.cli import app
 
     monkeypatch.setattr(pr, "available_memory", lambda device: 64 * 2**20)
-    real_grid = pr.to_model_grid
-    monkeypatch.setattr(pr, "to_model_grid", lambda *a, **k: pytest.fail("resampled before the memory check"))
+    real_grid = pre.to_model_grid
+    monkeypatch.setattr(pre, "to_model_grid", lambda *a, **k: pytest.fail("resampled before the memory check"))
     (tmp_path / "in").mkdir()
     tomo = good_tomogram(tmp_path / "in")
     before = snapshot(tmp_path)
@@ -179,7 +180,7 @@ def test_tile_too_big_for_memory_fails_before_any_work_and_the_suggestion_works(
     m = re.search(r"error: tile 256³ .* GiB is available; use --tile (\d+)", res.stderr)
     assert m, res.stderr
     assert snapshot(tmp_path) == before
-    monkeypatch.setattr(pr, "to_model_grid", real_grid)
+    monkeypatch.setattr(pre, "to_model_grid", real_grid)
     res = CliRunner().invoke(app, ["predict", str(tomo), "-o", str(out), "--model", str(model_path),
                                    "--tile", m.group(1)])
     assert res.exit_code == 0, res.output

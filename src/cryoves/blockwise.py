@@ -131,7 +131,8 @@ def auto_block(shape: Sequence[int], tile: int, context: int | None, n_blocks: i
 
 def _worker_net(model: Any, device: str, precision: str) -> Any:
     """The prepared inference network of ``model`` in this process (prepared once)."""
-    from cryoves.predict import choose_device, prepare_network
+    from cryoves.device import choose_device
+    from cryoves.predict import prepare_network
 
     hit = _WORKER_NETS.get(id(model))
     if hit is not None and hit[0] is model and hit[1:3] == (device, precision):
@@ -158,7 +159,7 @@ def predict_tiles(
     """Predict the given tiles of ``volume`` (normalised, model grid) into ``out`` (same
     coordinates), with exactly the per-tile arithmetic of :func:`cryoves.predict.predict_array`.
     ``net`` comes from :func:`cryoves.predict.prepare_network`."""
-    from cryoves.predict import choose_device
+    from cryoves.device import choose_device
     from cryoves.predict import predict_tiles as _predict_tiles
 
     _predict_tiles(net, volume, tiles, out, choose_device(device), precision, tta, batch_size)
@@ -183,31 +184,6 @@ def _predict_block(
     predict_tiles(net, local_in, local_tiles, local_out, device=device, precision=precision, tta=tta,
                   batch_size=batch_size)
     return block.keep, local_out[_shift(block.keep, origin)]
-
-
-def model_input(
-    tomo: Tomogram, model: Any, *, invert: bool | None = None, vesicle_radius_nm: float | None = None,
-    out: np.ndarray | None = None,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """The normalised network input on the model grid (z, y, x) and its info (scale, polarity,
-    inversion), computed as :func:`cryoves.predict.predict_tomogram` does: resampling, polarity,
-    Gaussian prefilter, normalisation with the statistics of the whole volume."""
-    from scipy import ndimage
-
-    from cryoves.preprocess import detect_polarity, normalise, to_model_grid
-
-    info = model.info
-    grid, scale = to_model_grid(tomo, info.voxel_size_a, vesicle_radius_nm,
-                                training_radius_nm=info.vesicle_radius_nm, out=out)
-    polarity, score = detect_polarity(grid)
-    inverted = (polarity == "dense_dark") != (info.polarity == "dense_dark") if invert is None else bool(invert)
-    if inverted:
-        np.negative(grid, out=grid)
-    if info.prefilter_sigma > 0:
-        ndimage.gaussian_filter(grid, info.prefilter_sigma, mode="nearest", output=grid)
-    normalise(grid, info.normalisation, inplace=True)
-    return grid, {"scale": [float(v) for v in scale], "inverted": bool(inverted), "polarity": polarity,
-                  "polarity_score": float(score)}
 
 
 @contextlib.contextmanager
@@ -272,6 +248,7 @@ def predict_blockwise(
     :class:`cryoves.predict.PredictionResult` (probabilities on the tomogram grid, (z, y, x)).
     """
     from cryoves.atomic import check_file_output
+    from cryoves.device import choose_device, choose_precision
     from cryoves.model import LoadedModel, load_model
     from cryoves.predict import (
         DEFAULT_CONTEXT,
@@ -279,12 +256,10 @@ def predict_blockwise(
         TTA_TRANSFORMS,
         PredictionResult,
         available_memory,
-        choose_device,
-        choose_precision,
         choose_tile,
         estimate_tile_memory,
     )
-    from cryoves.preprocess import _target_shape, from_model_grid, model_grid_scale
+    from cryoves.preprocess import _target_shape, from_model_grid, model_grid_scale, prepare_input
 
     t0 = time.perf_counter()
     out_path = Path(out) if out is not None else None
@@ -316,7 +291,7 @@ def predict_blockwise(
     work = Path(tempfile.mkdtemp(prefix=".cryoves-blockwise.", dir=scratch_root))
     try:
         grid = np.lib.format.open_memmap(work / "input.npy", mode="w+", dtype=np.float32, shape=mshape)
-        grid, pre = model_input(tomo, loaded, invert=invert, vesicle_radius_nm=vesicle_radius_nm, out=grid)
+        grid, pre = prepare_input(tomo, info, invert=invert, vesicle_radius_nm=vesicle_radius_nm, out=grid)
         grid.flush()
         del grid
         with _final_array(out_path, tomo) as final:

@@ -31,20 +31,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from cryoves import DEFAULT_MODEL
+from cryoves.device import autocast, choose_device, choose_precision
 from cryoves.errors import FormatError, ParameterError, ResourceError
 from cryoves.io.tomogram import Tomogram
 from cryoves.model import LoadedModel, UNet3D, load_model
 from cryoves.model.unet import fused_inference_copy
 from cryoves.postprocess.threshold import DEFAULT_THRESHOLD_RANGE
-from cryoves.preprocess import (
-    detect_polarity,
-    from_model_grid,
-    normalise,
-    to_model_grid,
-)
+from cryoves.preprocess import from_model_grid, prepare_input
 
 log = logging.getLogger(__name__)
 
@@ -81,49 +76,6 @@ class PredictionResult:
 
 # --------------------------------------------------------------------------------------------
 # devices, precision, threads
-
-
-def choose_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → CUDA if available, else CPU. Raises ParameterError for unavailable devices."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ParameterError("--device cuda requested but no CUDA GPU is available; use --device cpu")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise ParameterError(f"unknown device '{device}'; use auto, cpu or cuda")
-    return torch.device(device)
-
-
-def cpu_supports_bf16() -> bool:
-    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def choose_precision(precision: str, device: torch.device) -> str:
-    """Resolve ``"auto"``: bf16 on CUDA (fp16 if bf16 is unsupported), fp32 on CPU."""
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ParameterError(f"unknown precision '{precision}'; use auto, fp32, bf16 or fp16")
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if precision == "fp16" and device.type == "cpu":
-        raise ParameterError("fp16 is for CUDA; use --precision bf16 or fp32 on the CPU")
-    if precision == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
-        log.warning("this CPU has no native bf16; bf16 inference will be slow (use fp32)")
-    return precision
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def use_all_cores() -> int:
@@ -419,7 +371,7 @@ def predict_tiles(
     ``net`` comes from :func:`prepare_network`; ``on_batch(n)`` is called after each batch."""
     transforms = TTA_TRANSFORMS[:tta]
     channels_last = dev.type == "cpu"
-    with torch.inference_mode(), _autocast(dev, precision):
+    with torch.inference_mode(), autocast(dev, precision):
         for batch in _batches(tiles, batch_size):
             x = torch.from_numpy(np.stack([_read_tile(volume, t) for t in batch])[:, None]).to(dev)
             crop = batch[0].crop
@@ -563,20 +515,7 @@ def predict_tomogram(
     stats: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         grid = stack.enter_context(_scratch(scratch_dir, mshape))
-        grid, scale = to_model_grid(tomo, info.voxel_size_a, vesicle_radius_nm,
-                                    training_radius_nm=info.vesicle_radius_nm, out=grid)
-        polarity, score = detect_polarity(grid)
-        if invert is None:
-            inverted = (polarity == "dense_dark") != (info.polarity == "dense_dark")
-            if inverted:
-                log.info("dense material looks bright (polarity score %.3f); inverting the contrast", score)
-        else:
-            inverted = bool(invert)
-        if inverted:
-            np.negative(grid, out=grid)
-        if info.prefilter_sigma > 0:
-            ndimage.gaussian_filter(grid, info.prefilter_sigma, mode="nearest", output=grid)
-        normalise(grid, info.normalisation, inplace=True)
+        grid, prepared = prepare_input(tomo, info, invert=invert, vesicle_radius_nm=vesicle_radius_nm, out=grid)
         if out_path is not None:
             final = stack.enter_context(_output_array(out_path, tomo))
         else:
@@ -594,8 +533,7 @@ def predict_tomogram(
         final = _open_result(out_path)
     meta = dict(
         model=info.name, sha256=info.sha256, model_voxel_size_a=info.voxel_size_a,
-        scale=[float(v) for v in scale], model_grid_shape=list(mshape), inverted=bool(inverted),
-        polarity=polarity, polarity_score=float(score), tta=int(tta), precision=prec, device=str(dev),
+        **prepared, model_grid_shape=list(mshape), tta=int(tta), precision=prec, device=str(dev),
         vesicle_radius_nm=vesicle_radius_nm, **stats, seconds=round(time.perf_counter() - t0, 3),
     )
     return PredictionResult(prob=final, info=meta)

@@ -150,6 +150,22 @@ def test_no_import_cycles_between_subpackages():
     assert not found, "import cycles between cryoves' top-level parts:\n" + "\n".join(" -> ".join(c) for c in found)
 
 
+#: Building blocks, and the modules that compose them (docs/architecture.md).
+LOWER = ("cryoves.errors", "cryoves.atomic", "cryoves.vesicles", "cryoves.io", "cryoves.preprocess",
+         "cryoves.postprocess", "cryoves.model", "cryoves.device", "cryoves.results")
+UPPER = ("cryoves.pipeline", "cryoves.blockwise", "cryoves.batch", "cryoves.cli", "cryoves.napari")
+
+
+def _within(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def test_building_blocks_do_not_import_what_composes_them():
+    bad = sorted((m, t) for m, targets in import_graph().items() if _within(m, LOWER)
+                 for t in targets if _within(t, UPPER))
+    assert not bad, "lower layers import upper ones:\n" + "\n".join(f"{m} -> {t}" for m, t in bad)
+
+
 def test_graph_sees_every_import_form(tmp_path):
     pkg = tmp_path / "cryoves"
     (pkg / "sub").mkdir(parents=True)

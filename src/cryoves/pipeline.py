@@ -26,13 +26,14 @@ import pandas as pd
 
 from cryoves import DEFAULT_MODEL, __version__
 from cryoves.atomic import atomic_path
-from cryoves.errors import Cancelled, InputError, VoxelSizeError
+from cryoves.errors import Cancelled, CryovesError, InputError, VoxelSizeError
 from cryoves.io import Tomogram, read_tomogram, write_mrc
 from cryoves.results import (
     MANIFEST_NAME,
     OUTPUT_FILES,
     file_sha256,
     prepare_output_dir,
+    read_manifest,
     segment_manifest,
     write_result,
 )
@@ -40,7 +41,6 @@ from cryoves.vesicles import VesicleTable
 
 log = logging.getLogger(__name__)
 
-REJECTED_COLUMNS = ["id", "z", "y", "x", "radius", "step", "reason"]
 
 Progress = Callable[[str, float], None]
 
@@ -273,7 +273,7 @@ def _cached_probability(outdir: Path, key: str, shape: tuple[int, ...]) -> tuple
     if not (man_path.exists() and prob_path.exists()):
         return None
     try:
-        info = json.loads(man_path.read_text()).get("prediction", {})
+        info = (read_manifest(outdir) or {}).get("prediction", {})
         if info.get("cache_key") != key:
             return None
         import mrcfile
@@ -283,11 +283,14 @@ def _cached_probability(outdir: Path, key: str, shape: tuple[int, ...]) -> tuple
         if prob.shape != tuple(shape):
             return None
         return prob, info
-    except (OSError, ValueError, json.JSONDecodeError):
-        return None
+    except (OSError, ValueError, AttributeError, CryovesError):
+        return None  # an unreadable earlier result is simply not reused
 
 
 def _rejected_frame(*frames: pd.DataFrame | None) -> pd.DataFrame:
+    """The steps' rejected tables as one, in the columns of postprocess (extra feature columns kept)."""
+    from cryoves.postprocess import REJECTED_COLUMNS
+
     parts = [f for f in frames if f is not None and len(f)]
     if not parts:
         return pd.DataFrame(columns=REJECTED_COLUMNS)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from _hardening_utils import CASES, run_cli  # noqa: E402
+from _hardening_utils import CASES, run_cli
 
 
 def _short(msg: str, root: Path) -> str:

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cryoves.batch import make_client, run_batch
+from cryoves.batch import run_batch
+from cryoves.cluster import make_client
 from cryoves.io import write_mrc
 from cryoves.pipeline import SegmentConfig
 

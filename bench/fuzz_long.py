@@ -120,9 +120,9 @@ def _atheris_child(target: str, seconds: float, corpus: Path) -> None:
     import atheris
 
     with atheris.instrument_imports(include=["cryoves"]):
-        import cryoves.io  # noqa: F401
-        import cryoves.io.imod  # noqa: F401
-        import cryoves.io.mrc  # noqa: F401
+        import cryoves.io
+        import cryoves.io.imod
+        import cryoves.io.mrc
         import cryoves.io.tables  # noqa: F401
     fn = _target_fn(target)
     for k, s in enumerate(seeds(target)):

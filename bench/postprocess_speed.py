@@ -25,9 +25,8 @@ from scipy.ndimage import binary_erosion, gaussian_filter, gaussian_filter1d, ge
 from scipy.spatial import cKDTree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _post_utils import paint  # noqa: E402
-
-from cryoves.postprocess import fit_spheres, global_threshold, label_vesicles, repair  # noqa: E402
+from _post_utils import paint
+from cryoves.postprocess import fit_spheres, global_threshold, label_vesicles, repair
 
 
 def _clock() -> float:

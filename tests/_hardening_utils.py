@@ -464,7 +464,7 @@ def _disk_full_patch(after: dict[str, int]) -> Callable[[str], contextlib.Abstra
 
     @contextlib.contextmanager
     def patched(command: str) -> Iterator[None]:
-        import cryoves.io.atomic as atomic
+        import cryoves.atomic as atomic
 
         real = atomic._fsync
         calls = {"n": 0}
@@ -615,20 +615,20 @@ def _batch_error(root: Path) -> str | None:
 @contextlib.contextmanager
 def _threaded_batch_client() -> Iterator[None]:
     """Make ``cryoves batch`` use a one-thread in-process Dask cluster (seconds, not tens of seconds)."""
-    import cryoves.batch as batch
+    import cryoves.cluster as cluster
 
-    real = batch.make_client
+    real = cluster.make_client
 
     def make_client(n_items, **kwargs):
         from distributed import Client, LocalCluster
 
         return Client(LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"))
 
-    batch.make_client = make_client
+    cluster.make_client = make_client
     try:
         yield
     finally:
-        batch.make_client = real
+        cluster.make_client = real
 
 
 def run_api(command: str, setup: Setup, tmp: Path, model: Path) -> Any:
@@ -762,7 +762,7 @@ def fuzz_table(data: bytes) -> None:
         for vs in (None, 22.0):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                table = _typed_or_raise(lambda vs=vs: read_vesicles(path, voxel_size=vs))
+                table = _typed_or_raise(lambda path=path, vs=vs: read_vesicles(path, voxel_size=vs))
             if table is not None:
                 assert np.isfinite(table.centres).all() and (table.radii > 0).all()
                 assert table.voxel_size > 0

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cryoves.atomic import write_json_atomic
 from cryoves.io import write_mrc
-from cryoves.io.atomic import write_json_atomic
 from cryoves.vesicles import VesicleTable
 
 VOXEL_SIZE_A = 20.0

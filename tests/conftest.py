@@ -11,11 +11,11 @@ def client():
     pytest.importorskip("distributed")
     from distributed import Client, LocalCluster
 
-    from cryoves.batch import _torch_threads_plugin
+    from cryoves.cluster import torch_threads_plugin
 
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=0)
     c = Client(cluster)
-    c.register_plugin(_torch_threads_plugin(1))
+    c.register_plugin(torch_threads_plugin(1))
     yield c
     c.close()
     cluster.close()

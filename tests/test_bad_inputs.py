@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
-from _hardening_utils import CASES, all_runs, matches, outputs, run_api, run_cli, snapshot
 
+from _hardening_utils import CASES, all_runs, matches, outputs, run_api, run_cli, snapshot
 from cryoves.errors import CryovesError
 
 BATCH_ALLOWED = {"out", "out/batch", "out/batch/batch_summary.csv"}
@@ -93,7 +93,7 @@ def test_batch_api_records_failures_without_raising(tmp_path, model_path):
 def test_no_vesicles_gives_an_empty_table(tmp_path, model_path):
     import pandas as pd
 
-    from cryoves.pipeline import is_complete_result
+    from cryoves.results import is_complete_result
 
     setup = _build(next(c for c in CASES if c.name == "no_vesicles"), tmp_path)
     res = run_cli("segment", setup, tmp_path, model_path)
@@ -106,7 +106,6 @@ def test_no_vesicles_gives_an_empty_table(tmp_path, model_path):
 
 def test_inverted_contrast_is_detected_both_ways(tmp_path, model_path):
     from _hardening_utils import good_tomogram, shells
-
     from cryoves.predict import predict_file
 
     d = tmp_path / "in"
@@ -162,15 +161,16 @@ def test_usage_errors_exit_2_not_internal_error(args):
 def test_tile_too_big_for_memory_fails_before_any_work_and_the_suggestion_works(tmp_path, model_path, monkeypatch):
     import re
 
-    from _hardening_utils import good_tomogram
     from typer.testing import CliRunner
 
     import cryoves.predict as pr
+    import cryoves.preprocess as pre
+    from _hardening_utils import good_tomogram
     from cryoves.cli import app
 
     monkeypatch.setattr(pr, "available_memory", lambda device: 64 * 2**20)
-    real_grid = pr.to_model_grid
-    monkeypatch.setattr(pr, "to_model_grid", lambda *a, **k: pytest.fail("resampled before the memory check"))
+    real_grid = pre.to_model_grid
+    monkeypatch.setattr(pre, "to_model_grid", lambda *a, **k: pytest.fail("resampled before the memory check"))
     (tmp_path / "in").mkdir()
     tomo = good_tomogram(tmp_path / "in")
     before = snapshot(tmp_path)
@@ -180,7 +180,7 @@ def test_tile_too_big_for_memory_fails_before_any_work_and_the_suggestion_works(
     m = re.search(r"error: tile 256³ .* GiB is available; use --tile (\d+)", res.stderr)
     assert m, res.stderr
     assert snapshot(tmp_path) == before
-    monkeypatch.setattr(pr, "to_model_grid", real_grid)
+    monkeypatch.setattr(pre, "to_model_grid", real_grid)
     res = CliRunner().invoke(app, ["predict", str(tomo), "-o", str(out), "--model", str(model_path),
                                    "--tile", m.group(1)])
     assert res.exit_code == 0, res.output
@@ -190,9 +190,9 @@ def test_tile_too_big_for_memory_fails_before_any_work_and_the_suggestion_works(
 def test_cuda_out_of_memory_falls_back_to_smaller_tiles(monkeypatch, caplog):
     import numpy as np
     import torch
-    from _predict_utils import random_net, vesicle_volume
 
     import cryoves.predict as pr
+    from _predict_utils import random_net, vesicle_volume
 
     net, x = random_net(0), vesicle_volume((40, 48, 48), seed=1)
     real, tiles_tried = pr._run_tiles, []
@@ -217,9 +217,9 @@ def test_cuda_out_of_memory_falls_back_to_smaller_tiles(monkeypatch, caplog):
 def test_cuda_out_of_memory_at_the_smallest_tile_is_a_resource_error(monkeypatch):
     import numpy as np
     import torch
-    from _predict_utils import random_net
 
     import cryoves.predict as pr
+    from _predict_utils import random_net
     from cryoves.errors import ResourceError
 
     def oom(*a, **k):

@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 
 from _sim_utils import small_sim
-from cryoves.batch import collect_inputs, local_cluster_size, run_batch
+from cryoves.batch import collect_inputs, run_batch
+from cryoves.cluster import local_cluster_size
 from cryoves.io import write_mrc
-from cryoves.pipeline import SegmentConfig, is_complete_result
+from cryoves.pipeline import SegmentConfig
+from cryoves.results import is_complete_result
 
 distributed = pytest.importorskip("distributed")
 

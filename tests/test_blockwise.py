@@ -110,7 +110,7 @@ def test_segment_with_client_fits_blockwise(client, scene, tmp_path, monkeypatch
     calls = []
     real = bw.fit_spheres_blockwise
     monkeypatch.setattr(bw, "fit_spheres_blockwise", lambda *a, **k: calls.append(1) or real(*a, **k))
-    got = segment(tomo, None, cfg, client=client)
+    got = segment(tomo, None, cfg, backend=bw.DaskBackend(client))
     want = segment(tomo, None, cfg)
     assert calls == [1] and len(want.vesicles) >= 8
     pd.testing.assert_frame_equal(got.vesicles.df, want.vesicles.df, check_exact=True)

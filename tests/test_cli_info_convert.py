@@ -128,3 +128,27 @@ def test_convert_shape_option_and_voxel_size_for_tiff(files):
 def test_debug_shows_traceback(tmp_path):
     res = _run("--debug", "info", tmp_path / "none.mrc")
     assert res.exit_code != 0 and res.exception is not None
+
+
+def test_convert_mask_options_share_segments_names(files, caplog):
+    import mrcfile
+
+    tmp, tomo, csv, _, _ = files
+    cyto = np.zeros(SHAPE, np.uint8)
+    cyto[2:-2, 2:-2, 2:-2] = 1
+    az = np.zeros(SHAPE, np.uint8)
+    az[1, :, :] = 1
+    write_mrc(tmp / "cyto.mrc", cyto, 14.0)
+    write_mrc(tmp / "az.mrc", az, 14.0)
+    res = _run("convert", csv, tmp / "p.mrc", "--pyto", "--like", tomo, "--mask", tmp / "cyto.mrc",
+               "--az-mask", tmp / "az.mrc")
+    assert res.exit_code == 0, res.output
+    with mrcfile.open(tmp / "p.mrc") as m:
+        assert {1, 2} <= set(np.unique(m.data).tolist())
+    help_text = _run("convert", "--help").output
+    assert "--az-mask" in help_text and "--cytoplasm" not in help_text and "--active-zone" not in help_text
+    # the old names still work (hidden, deprecated)
+    with caplog.at_level("WARNING", logger="cryoves"):
+        res = _run("convert", csv, tmp / "old.mrc", "--pyto", "--like", tomo, "--cytoplasm", tmp / "cyto.mrc")
+    assert res.exit_code == 0, res.output
+    assert "--cytoplasm is deprecated" in caplog.text

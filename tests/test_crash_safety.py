@@ -25,8 +25,7 @@ import pytest
 from scipy import ndimage
 
 from cryoves.io import write_mrc
-from cryoves.io.atomic import MANIFEST_NAME
-from cryoves.pipeline import OUTPUT_FILES, is_complete_result
+from cryoves.results import MANIFEST_NAME, OUTPUT_FILES, is_complete_result
 from cryoves.vesicles import VesicleTable
 
 SHAPE = (48, 80, 80)
@@ -38,7 +37,7 @@ _WRAPPER = textwrap.dedent(
     import os, signal, sys
     n = int(os.environ.get("KILL_AT_FSYNC", "0"))
     if n:
-        import cryoves.io.atomic as atomic
+        import cryoves.atomic as atomic
         real, calls = atomic._fsync, [0]
         def fsync(path):
             calls[0] += 1

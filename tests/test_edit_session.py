@@ -12,11 +12,10 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from _napari_utils import SHAPE, TRUTH, VOXEL_SIZE_A, fake_segment_output, phantom, truth_table  # noqa: E402
-
-from cryoves.errors import FormatError, OutputExistsError, ParameterError  # noqa: E402
-from cryoves.napari._session import RECOVERY_NAME, EditSession, load_result, qc_scores  # noqa: E402
-from cryoves.vesicles import VesicleTable  # noqa: E402
+from _napari_utils import SHAPE, TRUTH, VOXEL_SIZE_A, fake_segment_output, phantom, truth_table
+from cryoves.errors import FormatError, OutputExistsError, ParameterError
+from cryoves.napari._session import RECOVERY_NAME, EditSession, load_result, qc_scores
+from cryoves.vesicles import VesicleTable
 
 
 def _fixed_fitter(centre, radius):

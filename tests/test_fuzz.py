@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from _hardening_utils import (
     MRC_BYTES_FIELDS,
     MRC_FLOAT32_FIELDS,
@@ -25,8 +28,6 @@ from _hardening_utils import (
     fuzz_table,
     valid_mrc_bytes,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 SETTINGS = settings(deadline=None, suppress_health_check=list(HealthCheck), database=None)
 ROOT = Path(__file__).resolve().parents[1]

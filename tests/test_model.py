@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from _predict_utils import PARITY_NPZ, WEIGHTS_H5, random_net, write_keras_h5
 
+from _predict_utils import PARITY_NPZ, WEIGHTS_H5, random_net, write_keras_h5
 from cryoves.errors import ModelError, ParameterError
 from cryoves.model import (
     CRYOVESNET,
@@ -19,9 +19,9 @@ from cryoves.model import (
     UNet3D,
     fused_inference_copy,
     load_model,
+    registry,
     save_checkpoint,
 )
-from cryoves.model import registry
 from cryoves.postprocess.threshold import threshold_grid
 
 needs_weights = pytest.mark.skipif(not WEIGHTS_H5.exists(), reason="shared reference weights.h5 absent")

@@ -10,11 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _napari_utils import TRUTH, VOXEL_SIZE_A, fake_segment_output, phantom, truth_table  # noqa: E402
-
-from cryoves.cli import app  # noqa: E402
-from cryoves.errors import CryovesError, InputError  # noqa: E402
-from cryoves.napari import _reader  # noqa: E402
+from _napari_utils import TRUTH, VOXEL_SIZE_A, fake_segment_output, phantom, truth_table
+from cryoves.cli import app
+from cryoves.errors import CryovesError, InputError
+from cryoves.napari import _reader
 
 MANIFEST = Path(__file__).parents[1] / "src" / "cryoves" / "napari.yaml"
 

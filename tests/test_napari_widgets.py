@@ -24,10 +24,9 @@ if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.env
     )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _napari_utils import TRUTH, VOXEL_SIZE_A, fake_segment_output, phantom, truth_table  # noqa: E402
-
-from cryoves.napari._session import RECOVERY_NAME  # noqa: E402
-from cryoves.vesicles import VesicleTable  # noqa: E402
+from _napari_utils import TRUTH, VOXEL_SIZE_A, fake_segment_output, phantom, truth_table
+from cryoves.napari._session import RECOVERY_NAME
+from cryoves.vesicles import VesicleTable
 
 pytestmark = [
     pytest.mark.gui,

@@ -12,7 +12,8 @@ from _sim_utils import probability_from_gt, small_sim, write_sim_inputs
 from cryoves.cli import app
 from cryoves.errors import Cancelled, InputError, OutputExistsError, ParameterError
 from cryoves.io import write_mrc
-from cryoves.pipeline import OUTPUT_FILES, SegmentConfig, is_complete_result, segment
+from cryoves.pipeline import SegmentConfig, segment
+from cryoves.results import OUTPUT_FILES, is_complete_result
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
-from scipy.ndimage import gaussian_filter
-from scipy.ndimage import binary_erosion, generate_binary_structure
+from scipy.ndimage import binary_erosion, gaussian_filter, generate_binary_structure
 
 from _post_utils import random_scene
 from cryoves.errors import InputError, ParameterError

@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from _predict_utils import HIV_TIF, PARITY_NPZ, WEIGHTS_H5, random_model, random_net, vesicle_volume
 
+from _predict_utils import HIV_TIF, PARITY_NPZ, WEIGHTS_H5, random_model, random_net, vesicle_volume
 from cryoves.errors import OutputExistsError, ParameterError, ResourceError
 from cryoves.io import Tomogram, write_mrc
 from cryoves.model import ModelInfo, save_checkpoint
@@ -255,7 +255,7 @@ def test_cli_predict_on_real_hiv_tiff(tmp_path, monkeypatch):
     monkeypatch.setenv("CRYOVES_CRYOVESNET_WEIGHTS", str(WEIGHTS_H5))
     out = tmp_path / "prob.mrc"
     # VLPs are ~60 nm in radius: the hint shrinks them to training size (and keeps the test fast)
-    r = CliRunner().invoke(app, ["predict", str(HIV_TIF), "-o", str(out), "--voxel-size", "40",
+    r = CliRunner().invoke(app, ["predict", str(HIV_TIF), "-o", str(out), "--model", "cryovesnet", "--voxel-size", "40",
                                  "--vesicle-radius", "60", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "inverted=True" in r.output  # dense = bright was detected

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _predict_utils import HIV_TIF, vesicle_volume
 from scipy import ndimage
 
 import cryoves.preprocess as pp
+from _predict_utils import HIV_TIF, vesicle_volume
 from cryoves.errors import InputError, ParameterError
 from cryoves.io import Tomogram
 from cryoves.preprocess import (

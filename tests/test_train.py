@@ -19,7 +19,7 @@ from cryoves.model import load_model
 from cryoves.train import TrainConfig, build_config, segmentation_loss, train
 from cryoves.train.augment import augment_batch, gaussian_blur
 from cryoves.train.config import AugmentConfig, TomogramSource
-from cryoves.train.data import ModelGrid, PatchSampler, TrainingVolume, load_tomogram_source
+from cryoves.train.data import PatchSampler, TrainingVolume, load_tomogram_source, model_grid
 from cryoves.train.loop import lr_at
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -143,7 +143,7 @@ def _write_real(tmp_path: Path, vs: float = 11.0):
 
 def test_real_tomogram_with_table_labels_and_mask_goes_to_the_model_grid(tmp_path):
     sim = _write_real(tmp_path)
-    grid = ModelGrid(voxel_size_a=22.0)
+    grid = model_grid(voxel_size_a=22.0)
     from_table = load_tomogram_source(
         TomogramSource(tomogram=str(tmp_path / "tomo.mrc"), labels=str(tmp_path / "vesicles.csv"),
                        mask=str(tmp_path / "mask.mrc"), invert=True), grid)

@@ -28,8 +28,8 @@ import pandas as pd
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from cryoves.atomic import atomic_path, write_json_atomic
 from cryoves.errors import InputError, OutputExistsError
-from cryoves.io.atomic import atomic_path, write_json_atomic
 from cryoves.vesicles import VesicleTable, render_labels
 
 log = logging.getLogger(__name__)
@@ -258,20 +258,17 @@ def analyze_folder(
     """
     from cryoves.io import read_tomogram
     from cryoves.io.pyto import ACTIVE_ZONE_ID, CYTOPLASM_ID
+    from cryoves.results import open_result
 
-    folder = Path(folder)
-    csv = folder / "vesicles.csv"
-    if not csv.exists():
-        raise InputError(f"{folder} has no vesicles.csv; give a cryoves segmentation output folder")
-    table = VesicleTable.read_csv(csv, voxel_size=voxel_size)
-    vs = table.voxel_size
+    result = open_result(folder, voxel_size=voxel_size)
+    folder, table, vs, paths = result.path, result.vesicles, result.voxel_size_a, result.paths
     az = cyto = None
-    if (folder / "cytoplasm_mask.mrc").exists():
-        cyto = np.asarray(read_tomogram(folder / "cytoplasm_mask.mrc", voxel_size=vs, validate=False).data) != 0
-    if (folder / "active_zone_mask.mrc").exists():
-        az = np.asarray(read_tomogram(folder / "active_zone_mask.mrc", voxel_size=vs, validate=False).data) != 0
-    elif (folder / "pyto_labels.mrc").exists():
-        labels = np.asarray(read_tomogram(folder / "pyto_labels.mrc", voxel_size=vs, validate=False).data)
+    if "cytoplasm_mask" in paths:
+        cyto = np.asarray(read_tomogram(paths["cytoplasm_mask"], voxel_size=vs, validate=False).data) != 0
+    if "active_zone_mask" in paths:
+        az = np.asarray(read_tomogram(paths["active_zone_mask"], voxel_size=vs, validate=False).data) != 0
+    elif "pyto" in paths:
+        labels = np.asarray(read_tomogram(paths["pyto"], voxel_size=vs, validate=False).data)
         az = labels == ACTIVE_ZONE_ID
         if cyto is None:
             cyto = (labels == CYTOPLASM_ID) | (labels > ACTIVE_ZONE_ID)  # vesicles lie in the cytoplasm

@@ -131,7 +131,8 @@ def auto_block(shape: Sequence[int], tile: int, context: int | None, n_blocks: i
 
 def _worker_net(model: Any, device: str, precision: str) -> Any:
     """The prepared inference network of ``model`` in this process (prepared once)."""
-    from cryoves.predict import choose_device, prepare_network
+    from cryoves.device import choose_device
+    from cryoves.predict import prepare_network
 
     hit = _WORKER_NETS.get(id(model))
     if hit is not None and hit[0] is model and hit[1:3] == (device, precision):
@@ -158,7 +159,7 @@ def predict_tiles(
     """Predict the given tiles of ``volume`` (normalised, model grid) into ``out`` (same
     coordinates), with exactly the per-tile arithmetic of :func:`cryoves.predict.predict_array`.
     ``net`` comes from :func:`cryoves.predict.prepare_network`."""
-    from cryoves.predict import choose_device
+    from cryoves.device import choose_device
     from cryoves.predict import predict_tiles as _predict_tiles
 
     _predict_tiles(net, volume, tiles, out, choose_device(device), precision, tta, batch_size)
@@ -185,31 +186,6 @@ def _predict_block(
     return block.keep, local_out[_shift(block.keep, origin)]
 
 
-def model_input(
-    tomo: Tomogram, model: Any, *, invert: bool | None = None, vesicle_radius_nm: float | None = None,
-    out: np.ndarray | None = None,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """The normalised network input on the model grid (z, y, x) and its info (scale, polarity,
-    inversion), computed as :func:`cryoves.predict.predict_tomogram` does: resampling, polarity,
-    Gaussian prefilter, normalisation with the statistics of the whole volume."""
-    from scipy import ndimage
-
-    from cryoves.preprocess import detect_polarity, normalise, to_model_grid
-
-    info = model.info
-    grid, scale = to_model_grid(tomo, info.voxel_size_a, vesicle_radius_nm,
-                                training_radius_nm=info.vesicle_radius_nm, out=out)
-    polarity, score = detect_polarity(grid)
-    inverted = (polarity == "dense_dark") != (info.polarity == "dense_dark") if invert is None else bool(invert)
-    if inverted:
-        np.negative(grid, out=grid)
-    if info.prefilter_sigma > 0:
-        ndimage.gaussian_filter(grid, info.prefilter_sigma, mode="nearest", output=grid)
-    normalise(grid, info.normalisation, inplace=True)
-    return grid, {"scale": [float(v) for v in scale], "inverted": bool(inverted), "polarity": polarity,
-                  "polarity_score": float(score)}
-
-
 @contextlib.contextmanager
 def _final_array(out: Path | None, tomo: Tomogram) -> Iterator[Any]:
     """Where the tomogram-grid result goes: memory, an .npy/.mrc memory map, or a zarr array."""
@@ -218,7 +194,7 @@ def _final_array(out: Path | None, tomo: Tomogram) -> Iterator[Any]:
     elif out.suffix.lower() == ".zarr":
         import zarr
 
-        from cryoves.io.atomic import atomic_dir
+        from cryoves.atomic import atomic_dir
 
         with atomic_dir(out) as tmp:
             chunks = tuple(min(s, c) for s, c in zip(tomo.shape, (64, 256, 256), strict=True))
@@ -271,20 +247,19 @@ def predict_blockwise(
     GPU only when the client sees one too). Returns a
     :class:`cryoves.predict.PredictionResult` (probabilities on the tomogram grid, (z, y, x)).
     """
-    from cryoves.io.atomic import check_file_output
+    from cryoves.atomic import check_file_output
+    from cryoves.device import choose_device, choose_precision
     from cryoves.model import LoadedModel, load_model
     from cryoves.predict import (
         DEFAULT_CONTEXT,
         DEFAULT_TILE_BUDGET,
-        PredictionResult,
         TTA_TRANSFORMS,
+        PredictionResult,
         available_memory,
-        choose_device,
-        choose_precision,
         choose_tile,
         estimate_tile_memory,
     )
-    from cryoves.preprocess import _target_shape, from_model_grid, model_grid_scale
+    from cryoves.preprocess import _target_shape, from_model_grid, model_grid_scale, prepare_input
 
     t0 = time.perf_counter()
     out_path = Path(out) if out is not None else None
@@ -316,7 +291,7 @@ def predict_blockwise(
     work = Path(tempfile.mkdtemp(prefix=".cryoves-blockwise.", dir=scratch_root))
     try:
         grid = np.lib.format.open_memmap(work / "input.npy", mode="w+", dtype=np.float32, shape=mshape)
-        grid, pre = model_input(tomo, loaded, invert=invert, vesicle_radius_nm=vesicle_radius_nm, out=grid)
+        grid, pre = prepare_input(tomo, info, invert=invert, vesicle_radius_nm=vesicle_radius_nm, out=grid)
         grid.flush()
         del grid
         with _final_array(out_path, tomo) as final:
@@ -429,7 +404,7 @@ def fit_spheres_blockwise(
     3 × the largest initial radius + membrane search + margin, ~1.5 vesicle diameters). Returns the
     same (VesicleTable, rejected) as ``fit_spheres`` with the same arguments, row for row.
     """
-    from cryoves.postprocess._common import check_same_shape, check_voxel_size, check_volume
+    from cryoves.postprocess._common import check_same_shape, check_volume, check_voxel_size
     from cryoves.postprocess.spheres import FitOptions, _with_voxel_size, initial_spheres
 
     intensity = check_volume(intensity, "tomogram")
@@ -506,6 +481,20 @@ def _assemble(intensity, items, results, opts, vs) -> tuple[Any, pd.DataFrame]:
 # one tomogram on a cluster
 
 
+class DaskBackend:
+    """The :class:`cryoves.pipeline.Backend` that splits prediction and sphere fitting of one
+    tomogram into blocks on the workers of ``client`` (same results as the single-process backend)."""
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    def predict(self, tomo: Tomogram, model: Any, **kwargs: Any) -> Any:
+        return predict_blockwise(tomo, model, self.client, **kwargs)
+
+    def fit_spheres(self, intensity: np.ndarray, labels: np.ndarray, voxel_size_a: float) -> tuple[Any, pd.DataFrame]:
+        return fit_spheres_blockwise(intensity, labels, voxel_size_a, self.client)
+
+
 def segment_split(
     tomo: Tomogram | str | os.PathLike,
     outdir: str | os.PathLike | None,
@@ -520,20 +509,12 @@ def segment_split(
 
     ``scheduler``: address of a running Dask scheduler (``tcp://host:8786``); ``slurm``: a
     dask-jobqueue YAML file (docs/batch.md); otherwise a local cluster of ``workers`` processes
-    (default: sized to this machine, see :func:`cryoves.batch.local_cluster_size`). A cluster
+    (default: sized to this machine, see :func:`cryoves.cluster.local_cluster_size`). A cluster
     started here is closed after the call.
     """
-    from cryoves.batch import make_client
+    from cryoves.cluster import managed_client
     from cryoves.pipeline import segment
 
-    if workers is not None and workers < 1:
-        raise ParameterError(f"--workers must be at least 1, got {workers}")
     # many blocks: the local cluster is sized by cores and memory, not by the item count
-    client = make_client(1 << 16, scheduler=scheduler, slurm=slurm, n_workers=workers)
-    cluster = getattr(client, "cluster", None) if scheduler is None else None
-    try:
-        return segment(tomo, outdir, config, force=force, client=client)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    with managed_client(1 << 16, scheduler=scheduler, slurm=slurm, n_workers=workers) as client:
+        return segment(tomo, outdir, config, force=force, backend=DaskBackend(client))

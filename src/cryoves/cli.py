@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from cryoves import __version__
+from cryoves import DEFAULT_MODEL, __version__
 from cryoves.errors import CryovesError
 
 log = logging.getLogger("cryoves")
@@ -38,7 +38,7 @@ class _Group(TyperGroup):
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
-        except Exception as exc:  # noqa: BLE001 - last resort: no traceback without --debug
+        except Exception as exc:  # broad on purpose: last resort: no traceback without --debug
             if _STATE["debug"] or isinstance(exc, _click_exceptions()):
                 raise
             typer.echo(
@@ -130,6 +130,47 @@ VoxelSizeOpt = Annotated[
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing result.")]
 
+# Options of the network and of SegmentConfig, declared once for predict, segment, batch and demo.
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", help="Registered model name (cryoves-default, packaged; cryovesnet, downloaded once) "
+                 "or a weight file (.h5/.safetensors/.pt)."),
+]
+InvertOpt = Annotated[
+    Optional[bool], typer.Option("--invert/--no-invert", help="Force contrast inversion on/off (default: detect).")
+]
+VesicleRadiusOpt = Annotated[
+    Optional[float],
+    typer.Option("--vesicle-radius", help="Expected vesicle radius in nm; rescales so they look like training "
+                 "vesicles (for vesicles far from synaptic-vesicle size)."),
+]
+TtaOpt = Annotated[
+    int,
+    typer.Option("--tta", help="Test-time augmentations, 1-16: the first N of the 16 combinations of a 90° "
+                 "rotation in (y, x), a flip of x and a flip of z (z is never swapped with y or x)."),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if available, else CPU), cpu or cuda[:N].")]
+PrecisionOpt = Annotated[
+    str, typer.Option("--precision", help="auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16, or fp16 on CUDA.")
+]
+TileOpt = Annotated[
+    Optional[int], typer.Option("--tile", help="Tile side in model voxels (multiple of 4; default: from memory).")
+]
+MinRadiusOpt = Annotated[float, typer.Option("--min-radius", help="Smallest vesicle radius kept, nm.")]
+ThresholdOpt = Annotated[
+    Optional[float],
+    typer.Option("--threshold", help="Fixed global probability threshold (default: searched in the range stored "
+                 "with the model: 0.30-0.99 for cryoves-default, 0.80-0.99 for cryovesnet)."),
+]
+MaskOpt = Annotated[
+    Optional[Path], typer.Option("--mask", help="Cytoplasm mask volume (non-zero = region), instead of --mask-model.")
+]
+AzMaskOpt = Annotated[Optional[Path], typer.Option("--az-mask", help="Active-zone mask volume, instead of --az-model.")]
+MaskModelOpt = Annotated[
+    Optional[Path], typer.Option("--mask-model", help="IMOD model: closed contours outlining the cytoplasm.")
+]
+AzModelOpt = Annotated[Optional[Path], typer.Option("--az-model", help="IMOD model: open contours along the active zone.")]
+
 
 # --------------------------------------------------------------------------- files: info / convert
 @app.command("info")
@@ -156,13 +197,18 @@ def convert_cmd(
     pyto: Annotated[bool, typer.Option("--pyto", help="Write a pyto label file (same as --to pyto).")] = False,
     shape: Annotated[Optional[tuple[int, int, int]], typer.Option("--shape", help="Grid Z Y X for table → volume.")] = None,
     like: Annotated[Optional[Path], typer.Option("--like", help="Tomogram whose grid, voxel size and origin are used for table → volume.")] = None,
-    cytoplasm: Annotated[Optional[Path], typer.Option("--cytoplasm", help="Mask volume painted 1 in a pyto file.")] = None,
-    active_zone: Annotated[Optional[Path], typer.Option("--active-zone", help="Mask volume painted 2 in a pyto file.")] = None,
+    mask: Annotated[Optional[Path], typer.Option("--mask", help="Cytoplasm mask volume, painted 1 in a pyto file.")] = None,
+    az_mask: Annotated[Optional[Path], typer.Option("--az-mask", help="Active-zone mask volume, painted 2 in a pyto file.")] = None,
+    cytoplasm: Annotated[Optional[Path], typer.Option("--cytoplasm", hidden=True, help="Deprecated: --mask.")] = None,
+    active_zone: Annotated[Optional[Path], typer.Option("--active-zone", hidden=True, help="Deprecated: --az-mask.")] = None,
     voxel_size: VoxelSizeOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Convert vesicles: table (.csv/.star/.mod) ↔ label volume ↔ pyto labels (see docs/formats.md)."""
     from cryoves.io.tables import convert_vesicles
+
+    cytoplasm = _renamed(mask, cytoplasm, "--cytoplasm", "--mask")
+    active_zone = _renamed(az_mask, active_zone, "--active-zone", "--az-mask")
 
     out = convert_vesicles(
         src, dst, to="pyto" if pyto else to, from_=from_, shape=shape, like=like, voxel_size=voxel_size,
@@ -171,10 +217,20 @@ def convert_cmd(
     typer.echo(f"wrote {out}")
 
 
+def _renamed(new: Optional[Path], old: Optional[Path], old_name: str, new_name: str) -> Optional[Path]:
+    """The value of an option that was renamed, given under either name."""
+    if old is None:
+        return new
+    if new is not None:
+        raise typer.BadParameter(f"give {new_name} only ({old_name} is its old name)")
+    log.warning("%s is deprecated; use %s", old_name, new_name)
+    return old
+
+
 # --------------------------------------------------------------------------- evaluation / analysis
 @app.command("evaluate")
 def evaluate_cmd(
-    pred: Annotated[Path, typer.Argument(help="Predicted vesicles: vesicle CSV or label MRC.")],
+    pred: Annotated[Path, typer.Argument(help="Predicted vesicles: vesicle CSV, label MRC or a result folder.")],
     gt: Annotated[Path, typer.Argument(help="Ground truth: vesicle CSV or label MRC.")],
     mask: Annotated[Optional[Path], typer.Option("--mask", help="Region mask; vesicles centred outside are ignored.")] = None,
     prob: Annotated[Optional[Path], typer.Option("--prob", help="Probability map for the soft Dice.")] = None,
@@ -186,8 +242,8 @@ def evaluate_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Compare predicted vesicles with ground truth (F1 by centre and by IoU>=0.5, Dice, SBD, δd, Δc)."""
+    from cryoves.atomic import check_file_output
     from cryoves.evaluate import evaluate_files, write_evaluation
-    from cryoves.io.atomic import check_file_output
 
     if json_file is not None:
         check_file_output(json_file, force=force)
@@ -218,17 +274,21 @@ def analyze_cmd(
 def predict_cmd(
     tomogram: Annotated[Path, typer.Argument(help="Tomogram (MRC/REC, TIFF or OME-Zarr), dense = dark or bright.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Probability map to write (.mrc or .npy), on the tomogram grid.")],
-    model: Annotated[str, typer.Option("--model", help="Registered model name (cryovesnet, cryoves-default) or a weight file (.h5/.safetensors/.pt).")] = "cryovesnet",
+    model: ModelOpt = DEFAULT_MODEL,
     voxel_size: VoxelSizeOpt = None,
-    invert: Annotated[Optional[bool], typer.Option("--invert/--no-invert", help="Force contrast inversion on/off (default: detect).")] = None,
-    vesicle_radius: Annotated[Optional[float], typer.Option("--vesicle-radius", help="Expected vesicle radius in nm; rescales so they look like training vesicles.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
-    tta: Annotated[int, typer.Option("--tta", help="Test-time augmentations (1-16, in-plane flips/rotations and z flip).")] = 1,
-    precision: Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 (or fp16 on CUDA).")] = "auto",
-    tile: Annotated[Optional[int], typer.Option("--tile", help="Tile side in model voxels (multiple of 4; default: from memory).")] = None,
+    invert: InvertOpt = None,
+    vesicle_radius: VesicleRadiusOpt = None,
+    device: DeviceOpt = "auto",
+    tta: TtaOpt = 1,
+    precision: PrecisionOpt = "auto",
+    tile: TileOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Run the U-Net on TOMOGRAM and write the vesicle probability map (float32, 0-1)."""
+    """Run the U-Net on TOMOGRAM and write the vesicle probability map (float32, 0-1).
+
+    Beside the map, OUTPUT.json names the model (and its threshold range) and the contrast
+    inversion, for 'cryoves segment --from-probability OUTPUT'.
+    """
     from cryoves.predict import predict_file
 
     res = predict_file(tomogram, output, voxel_size=voxel_size, model=model, invert=invert,
@@ -245,18 +305,20 @@ def segment_cmd(
     tomogram: Annotated[Path, typer.Argument(help="Tomogram (MRC/REC, TIFF or OME-Zarr), dense = dark or bright.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (created).")],
     voxel_size: VoxelSizeOpt = None,
-    model: Annotated[str, typer.Option("--model", help="Registered model name or a weight file path.")] = "cryoves-default",
-    mask_model: Annotated[Optional[Path], typer.Option("--mask-model", help="IMOD model: closed contours outlining the cytoplasm.")] = None,
-    mask: Annotated[Optional[Path], typer.Option("--mask", help="Cytoplasm mask volume (non-zero = region), instead of --mask-model.")] = None,
-    az_model: Annotated[Optional[Path], typer.Option("--az-model", help="IMOD model: open contours along the active zone.")] = None,
-    az_mask: Annotated[Optional[Path], typer.Option("--az-mask", help="Active-zone mask volume, instead of --az-model.")] = None,
-    invert: Annotated[Optional[bool], typer.Option("--invert/--no-invert", help="Force contrast inversion on/off (default: detect).")] = None,
-    vesicle_radius: Annotated[Optional[float], typer.Option("--vesicle-radius", help="Expected vesicle radius in nm (for vesicles far from synaptic-vesicle size).")] = None,
-    min_radius: Annotated[float, typer.Option("--min-radius", help="Smallest vesicle radius kept, nm.")] = 12.0,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Fixed global probability threshold (default: searched in the range stored with the model: 0.30-0.99 for cryoves-default, 0.80-0.99 for cryovesnet).")] = None,
-    from_probability: Annotated[Optional[Path], typer.Option("--from-probability", help="Start after the network from this probability map (tomogram grid).")] = None,
-    tta: Annotated[int, typer.Option("--tta", help="Test-time augmentations (1-8, in-plane only).")] = 1,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+    model: ModelOpt = DEFAULT_MODEL,
+    mask_model: MaskModelOpt = None,
+    mask: MaskOpt = None,
+    az_model: AzModelOpt = None,
+    az_mask: AzMaskOpt = None,
+    invert: InvertOpt = None,
+    vesicle_radius: VesicleRadiusOpt = None,
+    min_radius: MinRadiusOpt = 12.0,
+    threshold: ThresholdOpt = None,
+    from_probability: Annotated[Optional[Path], typer.Option("--from-probability", help="Start after the network from this probability map (tomogram grid); the model and inversion come from the MAP.json 'cryoves predict' wrote beside it.")] = None,
+    tta: TtaOpt = 1,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    tile: TileOpt = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Split this (huge) tomogram across N local Dask workers (docs/batch.md).")] = None,
     scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Split this tomogram across the workers of this Dask scheduler.")] = None,
     force: ForceOpt = False,
@@ -278,6 +340,8 @@ def segment_cmd(
         from_probability=str(from_probability) if from_probability else None,
         tta=tta,
         device=device,
+        precision=precision,
+        tile=tile,
     )
     if workers is not None or scheduler is not None:
         from cryoves.blockwise import segment_split
@@ -317,7 +381,7 @@ def simulate_cmd(
 def demo_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (created).")] = Path("demo-out"),
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the simulated tomogram.")] = 1,
-    model: Annotated[str, typer.Option("--model", help="Registered model name or weight file path.")] = "cryoves-default",
+    model: ModelOpt = DEFAULT_MODEL,
     force: ForceOpt = False,
 ) -> None:
     """Simulate a small synapse tomogram, segment it end to end, and score the result against its ground truth."""
@@ -342,13 +406,16 @@ def batch_cmd(
     scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Address of an existing Dask scheduler.")] = None,
     slurm: Annotated[Optional[Path], typer.Option("--slurm", help="YAML with dask-jobqueue SLURMCluster settings (docs/batch.md).")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Local workers (default: sized to cores and memory).")] = None,
-    model: Annotated[str, typer.Option("--model", help="Registered model name or weight file path.")] = "cryoves-default",
+    model: ModelOpt = DEFAULT_MODEL,
     voxel_size: VoxelSizeOpt = None,
-    invert: Annotated[Optional[bool], typer.Option("--invert/--no-invert", help="Force contrast inversion on/off (default: detect).")] = None,
-    vesicle_radius: Annotated[Optional[float], typer.Option("--vesicle-radius", help="Expected vesicle radius in nm.")] = None,
-    min_radius: Annotated[float, typer.Option("--min-radius", help="Smallest vesicle radius kept, nm.")] = 12.0,
-    tta: Annotated[int, typer.Option("--tta", help="Test-time augmentations (1-8, in-plane only).")] = 1,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+    invert: InvertOpt = None,
+    vesicle_radius: VesicleRadiusOpt = None,
+    min_radius: MinRadiusOpt = 12.0,
+    threshold: ThresholdOpt = None,
+    tta: TtaOpt = 1,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    tile: TileOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Redo tomograms that already have a complete result.")] = False,
 ) -> None:
     """Segment many tomograms on Dask; resumable, one failure never stops the batch."""
@@ -359,7 +426,8 @@ def batch_cmd(
     from cryoves.pipeline import SegmentConfig
 
     cfg = SegmentConfig(model=model, voxel_size=voxel_size, invert=invert, vesicle_radius_nm=vesicle_radius,
-                        min_radius_nm=min_radius, tta=tta, device=device)
+                        min_radius_nm=min_radius, threshold=threshold, tta=tta, device=device, precision=precision,
+                        tile=tile)
     summary = run_batch(inputs, output, cfg, scheduler=scheduler, slurm=slurm, n_workers=workers, force=force)
     table = Table(title=f"cryoves batch -> {output / SUMMARY_NAME}")
     for col in ("tomogram", "status", "n_vesicles", "seconds", "error"):

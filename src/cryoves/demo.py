@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cryoves.io.atomic import write_json_atomic
+from cryoves import DEFAULT_MODEL
+from cryoves.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +17,7 @@ DEMO_SHAPE = (96, 192, 192)
 DEMO_VOXEL_SIZE_A = 22.0
 
 
-def run_demo(outdir: str | os.PathLike, *, seed: int = 1, force: bool = False, model: str = "cryoves-default") -> dict[str, Any]:
+def run_demo(outdir: str | os.PathLike, *, seed: int = 1, force: bool = False, model: str = DEFAULT_MODEL) -> dict[str, Any]:
     """Simulate → segment → evaluate. Returns the metrics; writes everything under ``outdir``.
 
     ``outdir/simulation/`` holds the tomogram and its ground truth, ``outdir/segmentation/`` the

@@ -43,8 +43,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from cryoves.atomic import atomic_path, make_dir, removing_new_dirs, write_json_atomic
 from cryoves.errors import InputError, OutputExistsError, VoxelSizeError
-from cryoves.io.atomic import atomic_path, make_dir, removing_new_dirs, write_json_atomic
+from cryoves.results import is_result_folder, open_result
 from cryoves.vesicles import VesicleTable
 
 log = logging.getLogger(__name__)
@@ -675,7 +676,8 @@ def _soft_dice_instances(prob: np.ndarray, g: _Instances, mask: np.ndarray | Non
 
 # --------------------------------------------------------------------------- files
 def read_evaluation_input(path: str | Path, voxel_size: float | None = None, min_label: int | None = None) -> Any:
-    """Read a vesicle table (CSV/STAR/MOD) as a ``VesicleTable`` or a label volume as a label ``Tomogram``.
+    """Read a vesicle table (CSV/STAR/MOD, or a result folder's) as a ``VesicleTable`` or a label
+    volume as a label ``Tomogram``.
 
     Labels below ``min_label`` become background (10 for pyto / CryoVesNet label files, where 1 is
     the cytoplasm and 2 the active zone). Default: the first vesicle id of a pyto ``.ids.json``
@@ -684,6 +686,8 @@ def read_evaluation_input(path: str | Path, voxel_size: float | None = None, min
     path = Path(path)
     if not path.exists():
         raise InputError(f"file not found: {path}; check the path")
+    if is_result_folder(path):
+        return open_result(path, voxel_size=voxel_size).vesicles
     if path.suffix.lower() in TABLE_SUFFIXES:
         from cryoves.io.tables import read_vesicles
 
@@ -750,7 +754,7 @@ def evaluate_files(
 
 
 def _is_table_path(path: Path) -> bool:
-    return path.suffix.lower() in TABLE_SUFFIXES
+    return path.suffix.lower() in TABLE_SUFFIXES or is_result_folder(path)
 
 
 def _read_plain(reader, path: str | Path, voxel_size: float | None) -> Any:

@@ -24,27 +24,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cryoves import __version__
-from cryoves.errors import Cancelled, InputError, VoxelSizeError
+from cryoves import DEFAULT_MODEL, __version__
+from cryoves.atomic import atomic_path
+from cryoves.errors import Cancelled, CryovesError, InputError, VoxelSizeError
 from cryoves.io import Tomogram, read_tomogram, write_mrc
-from cryoves.io.atomic import MANIFEST_NAME, atomic_path, prepare_output_dir, write_json_atomic
+from cryoves.results import (
+    MANIFEST_NAME,
+    OUTPUT_FILES,
+    file_sha256,
+    prepare_output_dir,
+    read_manifest,
+    segment_manifest,
+    write_result,
+)
 from cryoves.vesicles import VesicleTable
 
 log = logging.getLogger(__name__)
 
-#: Fixed output names inside a segmentation folder (see docs/formats.md).
-OUTPUT_FILES = {
-    "vesicles": "vesicles.csv",
-    "star": "vesicles.star",
-    "labels": "labels.mrc",
-    "probability": "probability.mrc",
-    "mod": "vesicles.mod",
-    "rejected": "rejected.csv",
-    "pyto": "pyto_labels.mrc",
-    "cytoplasm_mask": "cytoplasm_mask.mrc",
-    "active_zone_mask": "active_zone_mask.mrc",
-}
-REJECTED_COLUMNS = ["id", "z", "y", "x", "radius", "step", "reason"]
 
 Progress = Callable[[str, float], None]
 
@@ -53,7 +49,7 @@ Progress = Callable[[str, float], None]
 class SegmentConfig:
     """Every parameter of a ``segment`` run (recorded in the manifest)."""
 
-    model: str = "cryoves-default"
+    model: str = DEFAULT_MODEL
     voxel_size: float | None = None
     """Voxel size in Å overriding the file header."""
     invert: bool | None = None
@@ -76,6 +72,8 @@ class SegmentConfig:
     tta: int = 1
     device: str = "auto"
     precision: str = "auto"
+    tile: int | None = None
+    """Prediction tile side in model voxels; None chooses it from the memory."""
     max_mahalanobis_p: float = 1e-4
     """Outliers: vesicles with χ² p-value below this (after re-refinement) are removed."""
     min_profile_correlation: float = 0.3
@@ -99,6 +97,25 @@ class SegmentResult:
     """Intermediate vesicle tables (sphere fit, outlier QC), kept only when asked for."""
 
 
+class Backend:
+    """Where :func:`segment` runs its two expensive steps; this default runs them in this process.
+
+    :class:`cryoves.blockwise.DaskBackend` splits them into blocks on a Dask cluster instead
+    (same results). ``predict`` takes the arguments of :func:`cryoves.predict.predict_tomogram`
+    and ``fit_spheres`` those of :func:`cryoves.postprocess.spheres.fit_spheres`.
+    """
+
+    def predict(self, tomo: Tomogram, model: Any, **kwargs: Any) -> Any:
+        from cryoves.predict import predict_tomogram
+
+        return predict_tomogram(tomo, model, **kwargs)
+
+    def fit_spheres(self, intensity: np.ndarray, labels: np.ndarray, voxel_size_a: float) -> tuple[Any, pd.DataFrame]:
+        from cryoves.postprocess.spheres import fit_spheres
+
+        return fit_spheres(intensity, labels, voxel_size_a)
+
+
 class _Steps:
     """Timing, progress and cancellation around each step."""
 
@@ -117,14 +134,6 @@ class _Steps:
         out = fn(*args, **kwargs)
         self.timings[name] = round(time.perf_counter() - t0, 3)
         return out
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _array_sha256(arr: np.ndarray) -> str:
@@ -190,11 +199,9 @@ def _read_mask(path: str) -> np.ndarray:
 
 
 def _probability(
-    tomo: Tomogram, cfg: SegmentConfig, outdir: Path | None, input_sha: str, model: Any = None, client: Any = None
+    tomo: Tomogram, cfg: SegmentConfig, outdir: Path | None, input_sha: str, model: Any, backend: Backend
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Network probability on the tomogram grid, reused from ``outdir`` when the cache key matches.
-
-    With a Dask ``client`` the tomogram is predicted block by block on its workers (same result)."""
+    """Network probability on the tomogram grid, reused from ``outdir`` when the cache key matches."""
     if cfg.from_probability:
         p = read_tomogram(cfg.from_probability, voxel_size=tomo.voxel_size_a, validate=True)
         if p.shape != tomo.shape:
@@ -208,9 +215,8 @@ def _probability(
                 f"{cfg.from_probability} is not a probability map (values outside [0, 1]); give the map written by "
                 "'cryoves predict' or by an earlier segment run"
             )
-        return np.clip(prob, 0, 1), {"source": str(cfg.from_probability), "inverted": bool(cfg.invert)}
+        return np.clip(prob, 0, 1), _map_info(cfg)
     from cryoves.model import load_model
-    from cryoves.predict import predict_tomogram
 
     model = model if model is not None else load_model(cfg.model)
     key_src = json.dumps(
@@ -222,6 +228,7 @@ def _probability(
             "radius": cfg.vesicle_radius_nm,
             "tta": cfg.tta,
             "precision": cfg.precision,
+            **({"tile": cfg.tile} if cfg.tile is not None else {}),  # keys of earlier runs stay valid
         },
         sort_keys=True,
     )
@@ -231,11 +238,7 @@ def _probability(
         if cached is not None:
             log.info("probability map reused from %s (cache key %s)", outdir, key)
             return cached
-    if client is not None:
-        from cryoves.blockwise import predict_blockwise
-
-        predict_tomogram = functools.partial(predict_blockwise, client=client)  # noqa: F811
-    res = predict_tomogram(
+    res = backend.predict(
         tomo,
         model,
         device=cfg.device,
@@ -243,10 +246,27 @@ def _probability(
         invert=cfg.invert,
         vesicle_radius_nm=cfg.vesicle_radius_nm,
         precision=cfg.precision,
+        tile=cfg.tile,
     )
     info = dict(res.info)
     info["cache_key"] = key
     return np.asarray(res.prob, dtype=np.float32), info
+
+
+def _map_info(cfg: SegmentConfig) -> dict[str, Any]:
+    """What is known about a ``--from-probability`` map: from the JSON ``cryoves predict`` writes
+    beside it (model, its threshold range, inversion), else only what the options say."""
+    from cryoves.predict import read_map_info
+
+    described = read_map_info(cfg.from_probability) or {}
+    info: dict[str, Any] = {"source": str(cfg.from_probability)}
+    for key in ("model", "model_sha256", "threshold_range", "polarity", "cryoves_version"):
+        if key in described:
+            info[key] = described[key]
+    if cfg.model != DEFAULT_MODEL and "model" in described and cfg.model != described["model"]:
+        log.warning("--model %s ignored: %s was made by %s", cfg.model, cfg.from_probability, described["model"])
+    info["inverted"] = bool(cfg.invert) if cfg.invert is not None else bool(described.get("inverted", False))
+    return info
 
 
 def _cached_probability(outdir: Path, key: str, shape: tuple[int, ...]) -> tuple[np.ndarray, dict] | None:
@@ -255,7 +275,7 @@ def _cached_probability(outdir: Path, key: str, shape: tuple[int, ...]) -> tuple
     if not (man_path.exists() and prob_path.exists()):
         return None
     try:
-        info = json.loads(man_path.read_text()).get("prediction", {})
+        info = (read_manifest(outdir) or {}).get("prediction", {})
         if info.get("cache_key") != key:
             return None
         import mrcfile
@@ -265,11 +285,14 @@ def _cached_probability(outdir: Path, key: str, shape: tuple[int, ...]) -> tuple
         if prob.shape != tuple(shape):
             return None
         return prob, info
-    except (OSError, ValueError, json.JSONDecodeError):
-        return None
+    except (OSError, ValueError, AttributeError, CryovesError):
+        return None  # an unreadable earlier result is simply not reused
 
 
 def _rejected_frame(*frames: pd.DataFrame | None) -> pd.DataFrame:
+    """The steps' rejected tables as one, in the columns of postprocess (extra feature columns kept)."""
+    from cryoves.postprocess import REJECTED_COLUMNS
+
     parts = [f for f in frames if f is not None and len(f)]
     if not parts:
         return pd.DataFrame(columns=REJECTED_COLUMNS)
@@ -290,7 +313,7 @@ def segment(
     should_stop: Callable[[], bool] | None = None,
     keep_stages: bool = False,
     model: Any = None,
-    client: Any = None,
+    backend: Backend | None = None,
 ) -> SegmentResult:
     """Segment the vesicles of ``tomo`` and, when ``outdir`` is given, write every output there.
 
@@ -299,16 +322,17 @@ def segment(
     each step; ``should_stop()`` returning True raises :class:`~cryoves.errors.Cancelled`.
     ``model`` is an already loaded model (``cryoves.model.load_model``) to use instead of
     ``config.model`` (batch workers load it once); ``keep_stages`` keeps intermediate labels.
-    ``client``: a Dask client; prediction and sphere fitting of this one tomogram are then split
-    into blocks across its workers (:mod:`cryoves.blockwise`), with the single-process result.
+    ``backend`` runs prediction and sphere fitting (default :class:`Backend`, this process;
+    ``cryoves.blockwise.DaskBackend(client)`` splits them into blocks on a Dask cluster, with the
+    single-process result).
     On an error the output folder is left without partial files (and removed if this call
     created it).
     """
-    from cryoves.io.atomic import removing_new_dirs
+    from cryoves.atomic import removing_new_dirs
 
     with removing_new_dirs(outdir) if outdir is not None else contextlib.nullcontext():
         return _segment(tomo, outdir, config, force=force, progress=progress, should_stop=should_stop,
-                        keep_stages=keep_stages, model=model, client=client)
+                        keep_stages=keep_stages, model=model, backend=backend or Backend())
 
 
 def _segment(
@@ -321,12 +345,11 @@ def _segment(
     should_stop: Callable[[], bool] | None,
     keep_stages: bool,
     model: Any,
-    client: Any = None,
+    backend: Backend,
 ) -> SegmentResult:
     from cryoves.postprocess.adaptive import label_vesicles, rejoin_duplicate_pieces
     from cryoves.postprocess.masks import restrict_probability, vesicles_in_region
     from cryoves.postprocess.outliers import map_confidence, repair
-    from cryoves.postprocess.spheres import fit_spheres
     from cryoves.postprocess.threshold import global_threshold
 
     cfg = config or SegmentConfig()
@@ -346,7 +369,7 @@ def _segment(
         else steps.run("checksum", 0.02, _array_sha256, np.asarray(tomo.data))
     )
     cyto, az = steps.run("masks", 0.04, _region_masks, cfg, tomo.shape)
-    prob, pred_info = steps.run("predict", 0.05, _probability, tomo, cfg, out, input_sha, model, client)
+    prob, pred_info = steps.run("predict", 0.05, _probability, tomo, cfg, out, input_sha, model, backend)
 
     intensity = tomo.asarray(np.float32)
     if pred_info.get("inverted"):
@@ -355,7 +378,7 @@ def _segment(
         prob = steps.run("restrict", 0.6, restrict_probability, prob, cyto)
 
     if cfg.threshold is None:
-        grid = _threshold_candidates(cfg, model)
+        grid = _threshold_candidates(cfg, model, pred_info)
         th = steps.run("global_threshold", 0.65, global_threshold, prob, intensity, grid)
         threshold = float(th.threshold)
         searched = [float(grid[0]), float(grid[-1])]
@@ -373,17 +396,13 @@ def _segment(
     )
     if keep_stages:
         stage_labels["adaptive"] = labels.copy()
-    if client is not None:
-        from cryoves.blockwise import fit_spheres_blockwise
-
-        fit_spheres = functools.partial(fit_spheres_blockwise, client=client)  # noqa: F811
-    spheres, rej_fit = steps.run("spheres", 0.8, fit_spheres, intensity, labels, vs)
+    spheres, rej_fit = steps.run("spheres", 0.8, backend.fit_spheres, intensity, labels, vs)
     joined, new_ids = rejoin_duplicate_pieces(labels, spheres.ids, spheres.centres, spheres.radii)
     if new_ids:
         # refit with the whole objects in place of their pieces (measured: better than letting the
         # pieces' fits compete with the whole object's, which loses vesicles cut by the volume border)
         labels = joined
-        spheres, rej_fit = steps.run("refit", 0.85, fit_spheres, intensity, labels, vs)
+        spheres, rej_fit = steps.run("refit", 0.85, backend.fit_spheres, intensity, labels, vs)
     spheres = spheres.with_df(spheres.df.assign(map_confidence=map_confidence(prob, spheres.centres, spheres.radii)))
     stage_tables: dict[str, VesicleTable] = {}
     if keep_stages:
@@ -408,40 +427,46 @@ def _segment(
     final_labels = steps.run("render", 0.95, vesicles.to_labels, tomo.shape)
     rejected = _rejected_frame(rej_adaptive, rej_fit, rej_repair, rej_region)
 
-    manifest: dict[str, Any] = {
-        "cryoves_version": __version__,
-        "command": "segment",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "inputs": {
+    manifest = segment_manifest(
+        version=__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        inputs={
             "tomogram": str(tomo.path) if tomo.path else None,
             "sha256": input_sha,
             "shape": list(tomo.shape),
             "voxel_size_a": list(tomo.voxel_size),
             "origin_a": list(tomo.origin),
         },
-        "parameters": cfg.to_dict(),
-        "prediction": _jsonable(pred_info),
-        "threshold": threshold,
-        "threshold_searched": searched,
-        "n_vesicles": len(vesicles),
-        "n_rejected": int(len(rejected)),
-        "timings_s": steps.timings,
-        "outputs": {},
-    }
+        parameters=cfg.to_dict(),
+        prediction=_jsonable(pred_info),
+        threshold=threshold,
+        threshold_searched=searched,
+        n_vesicles=len(vesicles),
+        n_rejected=int(len(rejected)),
+        timings_s=steps.timings,
+    )
     if out is not None:
-        _write_outputs(out, tomo, vesicles, rejected, prob, final_labels, cyto, az, manifest, steps)
+        write_result(
+            out,
+            functools.partial(_write_result_files, tomo=tomo, vesicles=vesicles, rejected=rejected, prob=prob,
+                              labels=final_labels, cyto=cyto, az=az, manifest=manifest, steps=steps),
+            manifest,
+        )
         if cfg.report and tomo.path is not None:
             steps.run("report", 0.99, _write_report, out)
     return SegmentResult(vesicles, rejected, prob, final_labels, manifest, out, stage_labels, stage_tables)
 
 
-def _threshold_candidates(cfg: SegmentConfig, model: Any) -> np.ndarray:
-    """The global threshold grid: the configured range, else the one stored with the model."""
+def _threshold_candidates(cfg: SegmentConfig, model: Any, pred_info: dict[str, Any]) -> np.ndarray:
+    """The global threshold grid: the configured range, else the one of the model that made the
+    map (described beside a ``--from-probability`` map), else the one stored with ``cfg.model``."""
     from cryoves.model import model_info
     from cryoves.postprocess.threshold import threshold_grid
 
     if cfg.threshold_range is not None:
         return threshold_grid(cfg.threshold_range)
+    if pred_info.get("threshold_range"):
+        return threshold_grid(tuple(pred_info["threshold_range"]))
     return model_info(model if model is not None else cfg.model).threshold_grid()
 
 
@@ -455,31 +480,9 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def _write_outputs(out: Path, *results: Any) -> None:
-    """Write every result file, then the manifest; on failure leave no partial result.
-
-    ``results`` are the arguments of :func:`_write_result_files` after ``out``.
-    """
-    # An older manifest would make a half-rewritten folder look complete: remove it first.
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    for name in [*OUTPUT_FILES.values(), MANIFEST_NAME]:  # temporaries of a killed earlier run
-        for stale in out.glob(f".{Path(name).stem}.*.tmp{Path(name).suffix}"):
-            with contextlib.suppress(OSError):
-                stale.unlink()
-    try:
-        _write_result_files(out, *results)
-    except BaseException:
-        # e.g. disk full half-way: leave no partial result (the manifest is already gone)
-        from cryoves.io.pyto import ids_path
-
-        for name in [*OUTPUT_FILES.values(), ids_path(out / OUTPUT_FILES["pyto"]).name]:
-            with contextlib.suppress(OSError):
-                (out / name).unlink(missing_ok=True)
-        raise
-
-
 def _write_result_files(
     out: Path,
+    *,
     tomo: Tomogram,
     vesicles: VesicleTable,
     rejected: pd.DataFrame,
@@ -489,7 +492,8 @@ def _write_result_files(
     az: np.ndarray | None,
     manifest: dict[str, Any],
     steps: _Steps,
-) -> None:
+) -> list[str]:
+    """Every output file of a segmentation (for :func:`cryoves.results.write_result`); their names."""
     from cryoves.io.imod import write_vesicles_mod
     from cryoves.io.tables import write_vesicles
 
@@ -517,8 +521,7 @@ def _write_result_files(
         written.append(f["active_zone_mask"])
     steps.timings["write"] = round(time.perf_counter() - t0, 3)
     manifest["timings_s"] = steps.timings
-    manifest["outputs"] = {name: file_sha256(out / name) for name in written}
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    return written
 
 
 def _write_report(out: Path) -> None:
@@ -529,16 +532,3 @@ def _write_report(out: Path) -> None:
         make_report(out)
     except Exception as exc:  # noqa: BLE001 - the report must never invalidate a finished segmentation
         log.warning("QC report not written: %s (run 'cryoves report %s' to retry)", exc, out)
-
-
-def is_complete_result(outdir: str | os.PathLike) -> bool:
-    """True when ``outdir`` holds a manifest and every output it lists with a matching checksum."""
-    outdir = Path(outdir)
-    try:
-        manifest = json.loads((outdir / MANIFEST_NAME).read_text())
-        outputs = manifest["outputs"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return bool(outputs) and all(
-        (outdir / name).is_file() and file_sha256(outdir / name) == sha for name, sha in outputs.items()
-    )

@@ -31,18 +31,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
-from cryoves.errors import ParameterError, ResourceError
+from cryoves import DEFAULT_MODEL
+from cryoves.device import autocast, choose_device, choose_precision
+from cryoves.errors import FormatError, ParameterError, ResourceError
 from cryoves.io.tomogram import Tomogram
 from cryoves.model import LoadedModel, UNet3D, load_model
 from cryoves.model.unet import fused_inference_copy
-from cryoves.preprocess import (
-    detect_polarity,
-    from_model_grid,
-    normalise,
-    to_model_grid,
-)
+from cryoves.postprocess.threshold import DEFAULT_THRESHOLD_RANGE
+from cryoves.preprocess import from_model_grid, prepare_input
 
 log = logging.getLogger(__name__)
 
@@ -79,49 +76,6 @@ class PredictionResult:
 
 # --------------------------------------------------------------------------------------------
 # devices, precision, threads
-
-
-def choose_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → CUDA if available, else CPU. Raises ParameterError for unavailable devices."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ParameterError("--device cuda requested but no CUDA GPU is available; use --device cpu")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise ParameterError(f"unknown device '{device}'; use auto, cpu or cuda")
-    return torch.device(device)
-
-
-def cpu_supports_bf16() -> bool:
-    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def choose_precision(precision: str, device: torch.device) -> str:
-    """Resolve ``"auto"``: bf16 on CUDA (fp16 if bf16 is unsupported), fp32 on CPU."""
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ParameterError(f"unknown precision '{precision}'; use auto, fp32, bf16 or fp16")
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if precision == "fp16" and device.type == "cpu":
-        raise ParameterError("fp16 is for CUDA; use --precision bf16 or fp32 on the CPU")
-    if precision == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
-        log.warning("this CPU has no native bf16; bf16 inference will be slow (use fp32)")
-    return precision
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def use_all_cores() -> int:
@@ -417,7 +371,7 @@ def predict_tiles(
     ``net`` comes from :func:`prepare_network`; ``on_batch(n)`` is called after each batch."""
     transforms = TTA_TRANSFORMS[:tta]
     channels_last = dev.type == "cpu"
-    with torch.inference_mode(), _autocast(dev, precision):
+    with torch.inference_mode(), autocast(dev, precision):
         for batch in _batches(tiles, batch_size):
             x = torch.from_numpy(np.stack([_read_tile(volume, t) for t in batch])[:, None]).to(dev)
             crop = batch[0].crop
@@ -472,7 +426,7 @@ def _output_array(out: Path, tomo: Tomogram) -> Iterator[np.ndarray]:
     """
     import mrcfile
 
-    from cryoves.io.atomic import atomic_path
+    from cryoves.atomic import atomic_path
 
     suffix = out.suffix.lower()
     if suffix not in (*MRC_OUTPUT_SUFFIXES, ".npy"):
@@ -518,7 +472,7 @@ def _open_result(out: Path) -> np.ndarray:
 
 def predict_tomogram(
     tomo: Tomogram,
-    model: str | os.PathLike | LoadedModel = "cryovesnet",
+    model: str | os.PathLike | LoadedModel = DEFAULT_MODEL,
     *,
     device: str = "auto",
     tta: int = 1,
@@ -541,7 +495,7 @@ def predict_tomogram(
     kept unless ``force``) and returned as a read-only memory map; every full-size intermediate
     is then a temporary memory map beside it, so tomograms larger than RAM work.
     """
-    from cryoves.io.atomic import check_file_output, make_dir
+    from cryoves.atomic import check_file_output, make_dir
     from cryoves.preprocess import _target_shape, model_grid_scale
 
     t0 = time.perf_counter()
@@ -561,20 +515,7 @@ def predict_tomogram(
     stats: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         grid = stack.enter_context(_scratch(scratch_dir, mshape))
-        grid, scale = to_model_grid(tomo, info.voxel_size_a, vesicle_radius_nm,
-                                    training_radius_nm=info.vesicle_radius_nm, out=grid)
-        polarity, score = detect_polarity(grid)
-        if invert is None:
-            inverted = (polarity == "dense_dark") != (info.polarity == "dense_dark")
-            if inverted:
-                log.info("dense material looks bright (polarity score %.3f); inverting the contrast", score)
-        else:
-            inverted = bool(invert)
-        if inverted:
-            np.negative(grid, out=grid)
-        if info.prefilter_sigma > 0:
-            ndimage.gaussian_filter(grid, info.prefilter_sigma, mode="nearest", output=grid)
-        normalise(grid, info.normalisation, inplace=True)
+        grid, prepared = prepare_input(tomo, info, invert=invert, vesicle_radius_nm=vesicle_radius_nm, out=grid)
         if out_path is not None:
             final = stack.enter_context(_output_array(out_path, tomo))
         else:
@@ -592,8 +533,7 @@ def predict_tomogram(
         final = _open_result(out_path)
     meta = dict(
         model=info.name, sha256=info.sha256, model_voxel_size_a=info.voxel_size_a,
-        scale=[float(v) for v in scale], model_grid_shape=list(mshape), inverted=bool(inverted),
-        polarity=polarity, polarity_score=float(score), tta=int(tta), precision=prec, device=str(dev),
+        **prepared, model_grid_shape=list(mshape), tta=int(tta), precision=prec, device=str(dev),
         vesicle_radius_nm=vesicle_radius_nm, **stats, seconds=round(time.perf_counter() - t0, 3),
     )
     return PredictionResult(prob=final, info=meta)
@@ -604,19 +544,74 @@ def predict_file(
     out: str | os.PathLike,
     *,
     voxel_size: float | None = None,
-    model: str | os.PathLike | LoadedModel = "cryovesnet",
+    model: str | os.PathLike | LoadedModel = DEFAULT_MODEL,
     force: bool = False,
     **kwargs: Any,
 ) -> PredictionResult:
     """Read a tomogram (MRC/REC, TIFF, OME-Zarr; ``voxel_size`` Å overrides the header) and
-    write its probability map to ``out`` (.mrc with voxel size and origin, or .npy).
+    write its probability map to ``out`` (.mrc with voxel size and origin, or .npy), and beside
+    it the map's description (:func:`map_info_path`; read by ``segment --from-probability``).
 
     Other keyword arguments are those of :func:`predict_tomogram`.
     """
+    from cryoves.atomic import check_file_output, removing_new_dirs
     from cryoves.io import read_tomogram
-    from cryoves.io.atomic import check_file_output, removing_new_dirs
 
     check_file_output(out, force=force)
     tomo = read_tomogram(tomogram, voxel_size=voxel_size)
     with removing_new_dirs(Path(out).parent):
-        return predict_tomogram(tomo, model, out=out, force=force, **kwargs)
+        loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        res = predict_tomogram(tomo, loaded, out=out, force=force, **kwargs)
+        try:
+            write_map_info(out, res, tomo, loaded.info.threshold_range)
+        except BaseException:
+            Path(out).unlink(missing_ok=True)  # a map without its description would be misread
+            raise
+    return res
+
+
+def map_info_path(prob_path: str | os.PathLike) -> Path:
+    """Where the description of a probability map is: ``prob.mrc`` → ``prob.mrc.json``."""
+    p = Path(prob_path)
+    return p.with_name(p.name + ".json")
+
+
+def write_map_info(
+    prob_path: str | os.PathLike, res: PredictionResult, tomo: Tomogram, threshold_range: Sequence[float] | None
+) -> Path:
+    """Write the JSON beside a probability map: which model made it (name, sha256, its threshold
+    range), on which grid (voxel size), with which contrast (inverted, polarity), by which cryoves."""
+    from cryoves import __version__
+    from cryoves.atomic import write_json_atomic
+
+    i = res.info
+    return write_json_atomic(map_info_path(prob_path), {
+        "kind": "probability_map",
+        "cryoves_version": __version__,
+        "model": i["model"],
+        "model_sha256": i["sha256"],
+        "threshold_range": [float(v) for v in (threshold_range or DEFAULT_THRESHOLD_RANGE)],
+        "inverted": bool(i["inverted"]),
+        "polarity": i["polarity"],
+        "voxel_size_a": [float(v) for v in tomo.voxel_size],
+        "shape": list(tomo.shape),
+        "vesicle_radius_nm": i.get("vesicle_radius_nm"),
+        "tta": i.get("tta"),
+        "precision": i.get("precision"),
+    })
+
+
+def read_map_info(prob_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The description written beside a probability map by ``cryoves predict``; None when absent."""
+    import json
+
+    path = map_info_path(prob_path)
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{path} is not readable JSON ({exc}); delete it or predict the map again") from exc
+    if not isinstance(info, dict) or "model" not in info:
+        raise FormatError(f"{path} does not describe a probability map; delete it or predict the map again")
+    return info

@@ -270,3 +270,39 @@ def detect_polarity(
                     "use --invert/--no-invert to decide", score)
         return "dense_dark", score
     return ("dense_dark" if score > 0 else "dense_bright"), score
+
+
+def prepare_input(
+    tomo: Tomogram,
+    info: Any,
+    *,
+    invert: bool | None = None,
+    vesicle_radius_nm: float | None = None,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The network input of ``tomo``: float32 (z, y, x) on the model grid, and how it was made.
+
+    ``info`` describes the network (a :class:`cryoves.model.ModelInfo` or any object with
+    ``voxel_size_a``, ``vesicle_radius_nm``, ``polarity``, ``prefilter_sigma``, ``normalisation``).
+    Steps: resample to the model voxel size (× training radius / ``vesicle_radius_nm`` if given;
+    into ``out`` when given), detect the contrast polarity on the model grid unless ``invert``
+    is given (inverted when it differs from ``info.polarity``), Gaussian prefilter, normalisation
+    over the whole volume. Prediction (single-process and blockwise) and training all prepare
+    their input here. Returns ``(grid, {"scale", "inverted", "polarity", "polarity_score"})``.
+    """
+    grid, scale = to_model_grid(tomo, info.voxel_size_a, vesicle_radius_nm,
+                                training_radius_nm=info.vesicle_radius_nm, out=out)
+    polarity, score = detect_polarity(grid)
+    if invert is None:
+        inverted = (polarity == "dense_dark") != (info.polarity == "dense_dark")
+        if inverted:
+            log.info("dense material looks bright (polarity score %.3f); inverting the contrast", score)
+    else:
+        inverted = bool(invert)
+    if inverted:
+        np.negative(grid, out=grid)
+    if info.prefilter_sigma > 0:
+        ndimage.gaussian_filter(grid, info.prefilter_sigma, mode="nearest", output=grid)
+    normalise(grid, info.normalisation, inplace=True)
+    return grid, {"scale": [float(v) for v in scale], "inverted": bool(inverted), "polarity": polarity,
+                  "polarity_score": float(score)}

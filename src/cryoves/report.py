@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cryoves.errors import InputError
-from cryoves.io.atomic import MANIFEST_NAME, atomic_path, write_text_atomic
+from cryoves.atomic import atomic_path, write_text_atomic
+from cryoves.errors import CryovesError, InputError
+from cryoves.results import MANIFEST_NAME, Result, open_result, read_manifest
 from cryoves.vesicles import VesicleTable, qc_score
 
 log = logging.getLogger(__name__)
@@ -239,13 +240,14 @@ def make_report(
 
     outdir = Path(outdir)
     try:
-        manifest = json.loads((outdir / MANIFEST_NAME).read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{outdir} holds no complete segmentation result (manifest.json unreadable): {exc}") from exc
-    vs = manifest["inputs"]["voxel_size_a"][2]
-    table = VesicleTable.read_csv(outdir / "vesicles.csv", voxel_size=vs)
-    rejected = pd.read_csv(outdir / "rejected.csv") if (outdir / "rejected.csv").exists() else pd.DataFrame()
-    tomo_path = tomogram or manifest["inputs"].get("tomogram")
+        manifest = read_manifest(outdir)
+    except CryovesError as exc:
+        raise InputError(f"{outdir} holds no complete segmentation result ({MANIFEST_NAME} unreadable): {exc}") from exc
+    if manifest is None:
+        raise InputError(f"{outdir} holds no complete segmentation result (no {MANIFEST_NAME})")
+    result = open_result(outdir)
+    manifest, table, rejected, vs = result.manifest, result.vesicles, result.rejected, result.voxel_size_a
+    tomo_path = tomogram or result.tomogram_path
     if not tomo_path or not Path(tomo_path).exists():
         raise InputError(f"tomogram {tomo_path} not found; pass --tomogram PATH")
     volume = read_tomogram(tomo_path, voxel_size=vs).asarray()
@@ -261,10 +263,10 @@ def make_report(
 
         gt = VesicleTable.read_csv(ground_truth)
         prob = None
-        if (outdir / "probability.mrc").exists():
+        if "probability" in result.paths:
             from cryoves.io import read_mrc
 
-            prob = read_mrc(outdir / "probability.mrc", validate=False).asarray()
+            prob = read_mrc(result.paths["probability"], validate=False).asarray()
         res = evaluate(table, gt, shape=volume.shape, prob=prob)
         misses, fps = res.misses, res.false_positives
         metrics = pd.DataFrame([res.metrics]).T.reset_index()
@@ -281,8 +283,8 @@ def make_report(
         (plot_outliers(df, rejected, figdir / "outliers.png"), "outlier scatter"),
     ]
     analysis_html = ""
-    if analysis and (outdir / "active_zone_mask.mrc").exists():
-        analysis_html = _analysis_section(outdir, table, figdir)
+    if analysis and "active_zone_mask" in result.paths:
+        analysis_html = _analysis_section(result, figdir)
     reasons = rejected.groupby(["step", "reason"]).size().reset_index(name="count") if len(rejected) else pd.DataFrame()
     timings = pd.DataFrame(sorted(manifest.get("timings_s", {}).items()), columns=["step", "seconds"])
     kpis = "".join(
@@ -312,19 +314,16 @@ def make_report(
     return write_text_atomic(outdir / REPORT_NAME, body)
 
 
-def _analysis_section(outdir: Path, table: VesicleTable, figdir: Path) -> str:
+def _analysis_section(result: Result, figdir: Path) -> str:
     from cryoves.analysis import analyze, write_analysis
     from cryoves.io import read_mrc
 
-    az = read_mrc(outdir / "active_zone_mask.mrc", validate=False).asarray(np.uint8) > 0
+    az = read_mrc(result.paths["active_zone_mask"], validate=False).asarray(np.uint8) > 0
     cyto = None
-    if (outdir / "cytoplasm_mask.mrc").exists():
-        cyto = read_mrc(outdir / "cytoplasm_mask.mrc", validate=False).asarray(np.uint8) > 0
-    res = analyze(table, az_mask=az, cytoplasm_mask=cyto)
-    written = write_analysis(res, outdir / "analysis", force=True)  # a derived view: always refreshed
-    pngs = [Path(p) for p in (written if isinstance(written, (list, tuple)) else []) if str(p).endswith(".png")]
-    if not pngs:
-        pngs = sorted((outdir / "analysis").glob("*.png"))
-    summary = getattr(res, "summary", None)
-    summary_html = _table_html(pd.DataFrame([summary]).T.reset_index()) if isinstance(summary, dict) else ""
+    if "cytoplasm_mask" in result.paths:
+        cyto = read_mrc(result.paths["cytoplasm_mask"], validate=False).asarray(np.uint8) > 0
+    res = analyze(result.vesicles, az_mask=az, cytoplasm_mask=cyto)
+    written = write_analysis(res, result.path / "analysis", force=True)  # a derived view: always refreshed
+    pngs = sorted(written.glob("*.png"))
+    summary_html = _table_html(pd.DataFrame([res.summary]).T.reset_index())
     return "<section><h2>Synapse analysis</h2>" + summary_html + "".join(_img_tag(p, p.stem) for p in pngs) + "</section>"

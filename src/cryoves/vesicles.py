@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cryoves.atomic import atomic_path
 from cryoves.errors import FormatError, InputError, VoxelSizeError
-from cryoves.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

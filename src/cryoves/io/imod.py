@@ -49,8 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from cryoves.atomic import atomic_path
 from cryoves.errors import FormatError, InputError, VoxelSizeError
-from cryoves.io.atomic import atomic_path
 from cryoves.io.tomogram import validate_voxel_size
 from cryoves.vesicles import VesicleTable
 
@@ -210,9 +210,6 @@ class ImodModel:
         value = self.pixel_size * metres * 1e10
         # the header stores float32: drop the float32 noise (2.2 nm -> 22.0000005 Å)
         return float(f"{value:.6g}") if math.isfinite(value) and value > 0 else None
-
-    def n_contours(self, kind: str | None = None) -> int:
-        return sum(len(o.contours) for o in self.objects if kind is None or o.kind == kind)
 
 
 # ----------------------------------------------------------------------------------- reading

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from cryoves.atomic import write_json_atomic
 from cryoves.errors import FormatError, InputError
-from cryoves.io.atomic import write_json_atomic
 from cryoves.io.mrc import write_mrc
 from cryoves.vesicles import VesicleTable, labels_to_table, render_labels
 

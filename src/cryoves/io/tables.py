@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cryoves.atomic import atomic_path, check_file_output
 from cryoves.errors import FormatError, InputError, ParameterError, VoxelSizeError
-from cryoves.io.atomic import atomic_path, check_file_output
 from cryoves.io.tomogram import validate_voxel_size
 from cryoves.vesicles import CORE_COLUMNS, VesicleTable, labels_to_table
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from cryoves.atomic import atomic_path
 from cryoves.errors import FormatError, InputError, VoxelSizeError
-from cryoves.io.atomic import atomic_path
 from cryoves.io.tomogram import Tomogram, resolve_voxel_size, validate_volume
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def read_tiff(path: str | Path, voxel_size: Any = None, *, validate: bool = True
                 data = None
             if data is None or tuple(data.shape) != shape:
                 data = series.asarray()
-    except Exception as exc:  # noqa: BLE001 - tifffile raises many types for damaged files
+    except Exception as exc:  # broad on purpose: tifffile raises many types for damaged files
         if isinstance(exc, (InputError, VoxelSizeError)):
             raise
         raise FormatError(f"{path} is not a readable TIFF file: {exc}") from exc

@@ -215,7 +215,3 @@ class Tomogram:
     def asarray(self, dtype: Any = np.float32) -> np.ndarray:
         """Load the whole volume into memory as ``dtype`` (float32 by default)."""
         return np.asarray(self.data, dtype=dtype)
-
-    @property
-    def nbytes_float32(self) -> int:
-        return int(np.prod(self.shape)) * 4

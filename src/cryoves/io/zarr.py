@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from cryoves.atomic import atomic_dir
 from cryoves.errors import FormatError, InputError
-from cryoves.io.atomic import atomic_dir
 from cryoves.io.tomogram import Tomogram, resolve_voxel_size, validate_volume
 
 log = logging.getLogger(__name__)

@@ -178,7 +178,7 @@ def fetch_cryovesnet_weights() -> Path:
         log.info("downloading the CryoVesNet weights (3 MB, GPL-3) to %s", cached.parent)
         got = pooch.retrieve(info.url, known_hash=f"sha256:{info.sha256}", fname=fname,
                              path=cached.parent, progressbar=False)
-    except Exception as exc:  # noqa: BLE001 - network errors come in many types
+    except Exception as exc:  # broad on purpose: network errors come in many types
         raise ModelError(f"cannot download the CryoVesNet weights ({type(exc).__name__}); {hint}") from exc
     return Path(got)
 
@@ -278,7 +278,7 @@ def _load_safetensors(path: Path) -> LoadedModel:
         raise ModelError(f"cannot read the metadata of model {path}: {exc}") from exc
     try:
         state = load_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - SafetensorError is no OSError/ValueError subclass
+    except Exception as exc:  # broad on purpose: SafetensorError is no OSError/ValueError subclass
         raise ModelError(f"cannot read model {path}: {exc}") from exc
     return _build(state, info, path)
 
@@ -286,7 +286,7 @@ def _load_safetensors(path: Path) -> LoadedModel:
 def _load_pt(path: Path) -> LoadedModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+    except Exception as exc:  # broad on purpose: torch raises many types for corrupt files
         raise ModelError(f"cannot read {path}: {exc}") from exc
     if not isinstance(obj, dict) or "state_dict" not in obj or "info" not in obj:
         raise ModelError(f"{path} is not a cryoves checkpoint (expected keys 'state_dict' and 'info')")
@@ -308,7 +308,7 @@ def save_checkpoint(path: str | os.PathLike, net: UNet3D, info: ModelInfo) -> Pa
     The stored ``info.sha256`` is the hash of the written weight file; ``info.architecture`` is
     taken from the network. Files are written atomically.
     """
-    from cryoves.io.atomic import atomic_path, write_json_atomic
+    from cryoves.atomic import atomic_path, write_json_atomic
 
     path = Path(path)
     info = dataclasses.replace(info, architecture=dict(net.config))

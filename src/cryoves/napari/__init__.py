@@ -21,9 +21,11 @@ def review(outdir: str | Path, *, recover: bool | None = None, block: bool = Tru
     ``block`` runs the GUI until the window is closed. Returns ``(viewer, editor_widget)``.
     Raises :class:`CryovesError` when napari is not installed.
     """
+    from cryoves.results import OUTPUT_FILES, is_result_folder
+
     outdir = Path(outdir)
-    if not (outdir / "vesicles.csv").exists():
-        raise InputError(f"{outdir} holds no vesicles.csv; give a 'cryoves segment' output folder")
+    if not is_result_folder(outdir):
+        raise InputError(f"{outdir} holds no {OUTPUT_FILES['vesicles']}; give a 'cryoves segment' output folder")
     try:
         from cryoves.napari._widgets import open_review
     except ImportError as exc:

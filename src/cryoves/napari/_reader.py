@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from cryoves.io import MRC_SUFFIXES
+from cryoves.results import is_result_folder
 from cryoves.vesicles import VesicleTable
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def get_reader(path: str | Sequence[str]) -> Callable[[Any], list[LayerData]] | 
             return None
         path = path[0]
     p = Path(path)
-    if p.is_dir() and (p / "vesicles.csv").exists():
+    if is_result_folder(p):
         return read_result_folder
     if p.is_file() and (p.suffix.lower() in MRC_SUFFIXES or p.name.lower().endswith(".rec.nad")):
         return read_tomogram_file

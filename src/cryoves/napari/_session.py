@@ -19,8 +19,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cryoves.errors import FormatError, InputError, OutputExistsError, ParameterError
-from cryoves.io.atomic import MANIFEST_NAME, write_json_atomic
+from cryoves.atomic import write_json_atomic
+from cryoves.errors import CryovesError, FormatError, InputError, OutputExistsError, ParameterError
+from cryoves.results import (
+    MANIFEST_NAME,
+    OUTPUT_FILES,
+    REVIEW_KIND,
+    Result,
+    manifest_kind,
+    open_result,
+    read_manifest,
+    review_manifest,
+    write_result,
+)
 from cryoves.vesicles import VesicleTable, qc_score, render_labels
 
 log = logging.getLogger(__name__)
@@ -492,33 +503,35 @@ class EditSession:
         outdir = Path(outdir)
         self._check_overwrite(outdir, force)
         outdir.mkdir(parents=True, exist_ok=True)
-        table = self.table
-        written: dict[str, Path] = {"csv": table.write_csv(outdir / "vesicles.csv")}
-        rej = self.rejected
-        from cryoves.io.atomic import atomic_path
+        written: dict[str, Path] = {}
 
-        with atomic_path(outdir / "rejected.csv") as tmp:
-            rej.to_csv(tmp, index=False, float_format="%.4f")
-        written["rejected"] = outdir / "rejected.csv"
-        from cryoves.io import write_mrc
+        def write_files(out: Path) -> list[str]:
+            from cryoves.atomic import atomic_path
+            from cryoves.io import write_mrc
 
-        vs = (self.voxel_size,) * 3
-        written["labels"] = write_mrc(outdir / "labels.mrc", self.labels, vs, self.origin)
-        for name, fn in _optional_exporters().items():
-            try:
-                written[name] = fn(outdir, table, self.labels, self.shape, vs, self.origin)
-            except ImportError as exc:
-                log.warning("%s export skipped: %s", name, exc)
-        manifest = {
-            "kind": "review",
-            "review": {"session_id": self.session_id, "source_dir": str(self.source_dir) if self.source_dir else None},
-            "inputs": self.inputs,
-            "counts": self.counts(),
-            "voxel_size_a": self.voxel_size,
-            "shape": list(self.shape),
-            "files": {k: p.name for k, p in written.items()},
-        }
-        written["manifest"] = write_json_atomic(outdir / MANIFEST_NAME, manifest)
+            table = self.table
+            written["csv"] = table.write_csv(out / OUTPUT_FILES["vesicles"])
+            with atomic_path(out / OUTPUT_FILES["rejected"]) as tmp:
+                self.rejected.to_csv(tmp, index=False, float_format="%.4f")
+            written["rejected"] = out / OUTPUT_FILES["rejected"]
+            vs = (self.voxel_size,) * 3
+            written["labels"] = write_mrc(out / OUTPUT_FILES["labels"], self.labels, vs, self.origin)
+            for name, fn in _optional_exporters().items():
+                try:
+                    written[name] = fn(out, table, self.labels, self.shape, vs, self.origin)
+                except ImportError as exc:
+                    log.warning("%s export skipped: %s", name, exc)
+            return [p.name for p in written.values()]
+
+        manifest = review_manifest(
+            session_id=self.session_id,
+            source_dir=self.source_dir,
+            inputs=self.inputs,
+            counts=self.counts(),
+            voxel_size_a=self.voxel_size,
+            shape=self.shape,
+        )
+        written["manifest"] = write_result(outdir, write_files, manifest)
         return written
 
     def _check_overwrite(self, outdir: Path, force: bool) -> None:
@@ -539,13 +552,13 @@ def _text_column(col: pd.Series) -> pd.Series:
 
 def _read_manifest(folder: Path) -> dict:
     try:
-        return json.loads((folder / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
+        return read_manifest(folder) or {}
+    except CryovesError:
         return {}
 
 
 def _manifest_kind(folder: Path) -> str | None:
-    return _read_manifest(folder).get("kind")
+    return manifest_kind(_read_manifest(folder) or None)
 
 
 def _plausible(row: dict, centre: np.ndarray, radius: float) -> bool:
@@ -588,17 +601,17 @@ def _optional_exporters() -> dict[str, Callable[..., Path]]:
     def star(outdir, table, labels, shape, vs, origin):
         from cryoves.io.tables import write_star
 
-        return Path(write_star(outdir / "vesicles.star", table))
+        return Path(write_star(outdir / OUTPUT_FILES["star"], table))
 
     def imod(outdir, table, labels, shape, vs, origin):
         from cryoves.io.imod import write_vesicles_mod
 
-        return Path(write_vesicles_mod(outdir / "vesicles.mod", table, shape))
+        return Path(write_vesicles_mod(outdir / OUTPUT_FILES["mod"], table, shape))
 
     def pyto(outdir, table, labels, shape, vs, origin):
         from cryoves.io.pyto import write_pyto_labels
 
-        labels_path, _ids = write_pyto_labels(outdir / "pyto_labels.mrc", table, shape, origin=origin)
+        labels_path, _ids = write_pyto_labels(outdir / OUTPUT_FILES["pyto"], table, shape, origin=origin)
         return Path(labels_path)
 
     return {"star": star, "imod": imod, "pyto": pyto}
@@ -613,68 +626,42 @@ def load_result(
     the manifest. With ``recover=None`` a recovery file left by a crashed session is used when
     present; ``recover=False`` ignores (and later overwrites) it.
     """
-    outdir = Path(outdir)
-    csv = outdir / "vesicles.csv"
-    if not csv.exists():
-        raise InputError(f"{outdir} holds no vesicles.csv; give a 'cryoves segment' output folder")
-    manifest = {}
-    if (outdir / MANIFEST_NAME).exists():
-        try:
-            manifest = json.loads((outdir / MANIFEST_NAME).read_text())
-        except ValueError as exc:
-            raise FormatError(f"{outdir / MANIFEST_NAME} is not valid JSON: {exc}") from exc
-    tomo = _open_input_tomogram(outdir, manifest)
-    recovery = outdir / RECOVERY_NAME
+    result = open_result(outdir)
+    tomo = _open_input_tomogram(result)
+    recovery = result.path / RECOVERY_NAME
     if recovery.exists() and recover is not False:
         session = EditSession.recover(recovery, tomogram=None if tomo is None else tomo.data, fitter=fitter)
         log.info("recovered %d vesicles from %s", len(session.table), recovery)
         return session, tomo
-    inputs = manifest.get("inputs", {})
-    vs = inputs.get("voxel_size_a") or (tomo.voxel_size_a if tomo is not None else None)
-    if vs is not None:
-        vs = float(np.asarray(vs, dtype=float).ravel()[-1])  # (z, y, x) list or scalar; tables use x
-    table = VesicleTable.read_csv(csv, voxel_size=vs)
-    if tomo is not None:
-        shape = tomo.shape
-    elif inputs.get("shape"):
-        shape = tuple(int(v) for v in inputs["shape"])
-    elif (outdir / "labels.mrc").exists():
-        import mrcfile
-
-        with mrcfile.mmap(outdir / "labels.mrc", permissive=True) as m:
-            shape = m.data.shape
-    else:
+    shape = tomo.shape if tomo is not None else result.shape
+    if shape is None:
         raise InputError(
-            f"cannot tell the tomogram shape: neither the input tomogram nor {outdir / 'labels.mrc'} exists"
+            f"cannot tell the tomogram shape: neither the input tomogram nor {result.file('labels')} exists"
         )
-    rejected = pd.read_csv(outdir / "rejected.csv") if (outdir / "rejected.csv").exists() else None
+    manifest = result.manifest
     session = EditSession(
-        table,
+        result.vesicles,
         shape,
         tomogram=None if tomo is None else tomo.data,
-        rejected=rejected,
+        rejected=result.rejected if result.file("rejected").exists() else None,
         recovery_path=recovery,
         fitter=fitter,
-        source_dir=outdir,
-        origin=tomo.origin if tomo is not None else inputs.get("origin_a") or (0, 0, 0),
-        inputs=inputs,
+        source_dir=result.path,
+        origin=tomo.origin if tomo is not None else result.origin_a,
+        inputs=result.inputs,
         # a saved review re-opened keeps its session id, so saving it again needs no force
-        session_id=manifest.get("review", {}).get("session_id") if manifest.get("kind") == "review" else None,
+        session_id=manifest.get("review", {}).get("session_id") if result.kind == REVIEW_KIND else None,
     )
     return session, tomo
 
 
-def _open_input_tomogram(outdir: Path, manifest: dict) -> Any:
+def _open_input_tomogram(result: Result) -> Any:
     from cryoves.io import read_tomogram
 
-    inputs = manifest.get("inputs", {})
-    path = inputs.get("tomogram")
-    if not path:
+    path = result.tomogram_path
+    if path is None:
         return None
-    p = Path(path)
-    if not p.is_absolute() and not p.exists():
-        p = outdir / p
-    if not p.exists():
+    if not path.exists():
         log.warning("input tomogram %s not found; reviewing without it (no sphere fitting)", path)
         return None
-    return read_tomogram(p, voxel_size=inputs.get("voxel_size_a"))  # the size the result was made with
+    return read_tomogram(path, voxel_size=result.inputs.get("voxel_size_a"))  # the size the result was made with

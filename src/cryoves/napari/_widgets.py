@@ -33,9 +33,11 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from cryoves import DEFAULT_MODEL
 from cryoves.errors import CryovesError, VoxelSizeError
 from cryoves.napari._reader import points_kwargs, robust_contrast_limits, source_colours
 from cryoves.napari._session import RECOVERY_NAME, EditSession, QueueItem, load_result
+from cryoves.results import is_result_folder
 
 log = logging.getLogger(__name__)
 
@@ -524,7 +526,7 @@ class SegmentWidget(QWidget):
         self.tta = QSpinBox(minimum=1, maximum=16, value=1)
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda"])
-        self.model = QLineEdit("cryoves-default")
+        self.model = QLineEdit(DEFAULT_MODEL)
         self.outdir = QLineEdit()
         self.outdir.setPlaceholderText("output folder (empty: keep in memory)")
         self.force = QCheckBox("overwrite an existing result")
@@ -592,7 +594,7 @@ class SegmentWidget(QWidget):
         from cryoves.pipeline import SegmentConfig
 
         return SegmentConfig(
-            model=self.model.text() or "cryoves-default",
+            model=self.model.text() or DEFAULT_MODEL,
             vesicle_radius_nm=self.radius.value() or None,
             min_radius_nm=self.min_radius.value(),
             tta=self.tta.value(),
@@ -636,7 +638,7 @@ class SegmentWidget(QWidget):
             except CryovesError as exc:
                 kind = "cancelled" if type(exc).__name__ == "Cancelled" else "error"
                 return kind, exc
-            except Exception as exc:  # noqa: BLE001 - shown to the user, logged with traceback
+            except Exception as exc:  # broad on purpose: shown to the user, logged with traceback
                 log.exception("segmentation failed")
                 return "error", exc
 
@@ -691,7 +693,7 @@ class SegmentWidget(QWidget):
             )
         editor = self.editor_widget()
         outdir = getattr(value, "outdir", None)
-        if outdir is not None and Path(outdir, "vesicles.csv").exists():
+        if outdir is not None and is_result_folder(outdir):
             editor.open_result(outdir, recover=False, image_layer=layer)
         else:
             session = EditSession(

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from cryoves.errors import InputError, ParameterError, VoxelSizeError
+from cryoves.errors import InputError, VoxelSizeError
 
 #: Columns of every rejected-vesicles table (centre and radius in voxels, NaN when unknown).
 REJECTED_COLUMNS = ["id", "z", "y", "x", "radius", "step", "reason"]
@@ -73,12 +73,6 @@ def check_volume(arr: np.ndarray, name: str) -> np.ndarray:
 def check_same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
     if a.shape != b.shape:
         raise InputError(f"{name_a} shape {a.shape} differs from {name_b} shape {b.shape}; resample one to the other")
-
-
-def check_positive(value: float, name: str) -> float:
-    if not np.isfinite(value) or value <= 0:
-        raise ParameterError(f"{name} must be positive, got {value!r}")
-    return float(value)
 
 
 def sphere_pairs(centres: np.ndarray, radii: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -55,7 +55,7 @@ def ball_fractions_inside(centres: np.ndarray, radii: np.ndarray, mask: np.ndarr
         if np.any(chi <= clo):
             continue
         sub = mask[tuple(slice(a, b) for a, b in zip(clo, chi))]
-        ball_in = ball[tuple(slice(a - l, b - l) for a, b, l in zip(clo, chi, lo))]
+        ball_in = ball[tuple(slice(a - o, b - o) for a, b, o in zip(clo, chi, lo))]
         out[k] = np.count_nonzero(sub & ball_in) / total
     return out
 

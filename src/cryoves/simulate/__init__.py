@@ -21,8 +21,9 @@ import numpy as np
 import pandas as pd
 
 from cryoves import __version__
+from cryoves.atomic import write_json_atomic, write_text_atomic
 from cryoves.io import Tomogram, write_mrc
-from cryoves.io.atomic import prepare_output_dir, write_json_atomic, write_text_atomic
+from cryoves.results import MANIFEST_NAME, OUTPUT_FILES, prepare_output_dir
 from cryoves.simulate.config import (
     PRESETS,
     SimulationConfig,
@@ -174,14 +175,15 @@ def write_simulation(sim: Simulation, outdir: str | Path, force: bool = False) -
     Refuses an existing result unless ``force``.
     """
     out = prepare_output_dir(outdir, force=force)
-    (out / "manifest.json").unlink(missing_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
     vs = sim.tomogram.voxel_size
+    f = OUTPUT_FILES
     write_mrc(out / "tomogram.mrc", sim.tomogram.data, vs)
     write_mrc(out / "scene.mrc", sim.scene, vs)
-    write_mrc(out / "labels.mrc", sim.labels, vs)
-    write_mrc(out / "cytoplasm_mask.mrc", sim.cytoplasm_mask.astype(np.uint8), vs)
-    write_mrc(out / "active_zone_mask.mrc", sim.active_zone_mask.astype(np.uint8), vs)
-    sim.vesicles.write_csv(out / "vesicles.csv")
+    write_mrc(out / f["labels"], sim.labels, vs)
+    write_mrc(out / f["cytoplasm_mask"], sim.cytoplasm_mask.astype(np.uint8), vs)
+    write_mrc(out / f["active_zone_mask"], sim.active_zone_mask.astype(np.uint8), vs)
+    sim.vesicles.write_csv(out / f["vesicles"])
     write_text_atomic(out / "distractors.csv", sim.distractors.to_csv(index=False, float_format="%.3f"))
     az = pd.DataFrame(sim.az_points, columns=["z", "y", "x"])
     write_text_atomic(out / "active_zone.csv", az.to_csv(index=False, float_format="%.3f"))
@@ -196,10 +198,10 @@ def write_simulation(sim: Simulation, outdir: str | Path, force: bool = False) -
         "plasma_membrane": sim.membrane,
         "polarity": "dense = dark (tomogram and scene)",
         "timings_s": sim.timings_s,
-        "files": ["tomogram.mrc", "scene.mrc", "labels.mrc", "cytoplasm_mask.mrc", "active_zone_mask.mrc",
-                  "vesicles.csv", "distractors.csv", "active_zone.csv"],
+        "files": ["tomogram.mrc", "scene.mrc", f["labels"], f["cytoplasm_mask"], f["active_zone_mask"],
+                  f["vesicles"], "distractors.csv", "active_zone.csv"],
     }
-    write_json_atomic(out / "manifest.json", manifest)
+    write_json_atomic(out / MANIFEST_NAME, manifest)
     return out
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryoves.io.atomic import atomic_path
+from cryoves.atomic import atomic_path
 
 
 def xz_power_spectrum(volume: np.ndarray, voxel_size_a: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -24,6 +24,8 @@ import pandas as pd
 
 from cryoves.errors import FormatError, InputError
 from cryoves.io.tomogram import Tomogram
+from cryoves.model import ModelInfo
+from cryoves.results import OUTPUT_FILES
 from cryoves.train.config import SimulatedSource, TomogramSource
 from cryoves.vesicles import VesicleTable, render_labels
 
@@ -36,15 +38,6 @@ PYTO_FIRST_VESICLE_ID = 10
 TRAINING_RADIUS_NM = 19.0
 #: Foreground voxel indices kept per volume for foreground-centred patches.
 _MAX_FG_INDICES = 200_000
-
-
-@dataclass(frozen=True)
-class ModelGrid:
-    """How the model sees its input: voxel size (Å), normalisation, Gaussian prefilter σ (model voxels)."""
-
-    voxel_size_a: float = 22.0
-    normalisation: str = "robust_zscore"
-    prefilter_sigma: float = 0.0
 
 
 @dataclass
@@ -97,20 +90,21 @@ def _foreground_index(target: np.ndarray, weight: np.ndarray, seed: int = 0) -> 
 
 
 # ---------------------------------------------------------------------- preparation
-def prepare_image(tomo: Tomogram, grid: ModelGrid, invert: bool, vesicle_radius_nm: float | None = None,
+def model_grid(voxel_size_a: float = 22.0, normalisation: str = "robust_zscore", prefilter_sigma: float = 0.0,
+               name: str = "training") -> ModelInfo:
+    """The metadata of the network being trained, as far as its input is concerned (dense = dark,
+    vesicles seen at :data:`TRAINING_RADIUS_NM`)."""
+    return ModelInfo(name=name, voxel_size_a=voxel_size_a, normalisation=normalisation,
+                     prefilter_sigma=prefilter_sigma, polarity="dense_dark", vesicle_radius_nm=TRAINING_RADIUS_NM)
+
+
+def prepare_image(tomo: Tomogram, grid: ModelInfo, invert: bool, vesicle_radius_nm: float | None = None,
                   ) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Tomogram → normalised float32 model-grid image (dense = dark), as ``predict`` does it."""
-    from cryoves.preprocess import normalise, to_model_grid
+    """Tomogram → normalised float32 model-grid image (dense = dark): :func:`cryoves.preprocess.prepare_input`."""
+    from cryoves.preprocess import prepare_input
 
-    arr, scale = to_model_grid(tomo, grid.voxel_size_a, vesicle_radius_nm, training_radius_nm=TRAINING_RADIUS_NM)
-    arr = np.asarray(arr, dtype=np.float32)
-    if grid.prefilter_sigma > 0:
-        from scipy import ndimage
-
-        arr = ndimage.gaussian_filter(arr, grid.prefilter_sigma, mode="nearest")
-    if invert:
-        np.negative(arr, out=arr)
-    return normalise(arr, grid.normalisation, inplace=True), scale
+    image, info = prepare_input(tomo, grid, invert=invert, vesicle_radius_nm=vesicle_radius_nm)
+    return image, tuple(info["scale"])  # type: ignore[return-value]
 
 
 def mask_to_grid(mask: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -144,7 +138,7 @@ def _label_kind(src: TomogramSource) -> str:
     return "table" if suffix in (".csv", ".star", ".mod", ".tsv") else "labels"
 
 
-def load_tomogram_source(src: TomogramSource, grid: ModelGrid) -> TrainingVolume:
+def load_tomogram_source(src: TomogramSource, grid: ModelInfo) -> TrainingVolume:
     """Read a real tomogram with its labels (+ optional region mask) onto the model grid."""
     from cryoves.io import read_tomogram
 
@@ -259,7 +253,7 @@ def simulation_config(seed: int, src: SimulatedSource, model_voxel_size_a: float
     return cfg.replace(**changes), hint
 
 
-def simulate_volume(seed: int, src: SimulatedSource, grid: ModelGrid, large: bool = False) -> TrainingVolume:
+def simulate_volume(seed: int, src: SimulatedSource, grid: ModelInfo, large: bool = False) -> TrainingVolume:
     """Simulate one randomised tomogram and bring it onto the model grid."""
     from cryoves.simulate import simulate
 
@@ -276,11 +270,12 @@ def simulate_volume(seed: int, src: SimulatedSource, grid: ModelGrid, large: boo
     )
 
 
-def _cache_key(seed: int, src: SimulatedSource, grid: ModelGrid, large: bool) -> str:
+def _cache_key(seed: int, src: SimulatedSource, grid: ModelInfo, large: bool) -> str:
     """Hash of everything that determines a cached volume: the simulation settings actually used,
     the seed, the model grid and the simulator's source code."""
     cfg, hint = simulation_config(seed, src, grid.voxel_size_a, large)
-    d = dict(seed=seed, sim=cfg.to_dict(), hint=hint, grid=dataclasses.asdict(grid), large=large,
+    grid_key = dict(voxel_size_a=grid.voxel_size_a, normalisation=grid.normalisation, prefilter_sigma=grid.prefilter_sigma)
+    d = dict(seed=seed, sim=cfg.to_dict(), hint=hint, grid=grid_key, large=large,
              code=_simulator_fingerprint())
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -296,7 +291,7 @@ def _simulator_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def cached_simulation(seed: int, src: SimulatedSource, grid: ModelGrid, cache: Path | None,
+def cached_simulation(seed: int, src: SimulatedSource, grid: ModelInfo, cache: Path | None,
                       large: bool = False) -> TrainingVolume:
     """:func:`simulate_volume`, stored as ``.npy`` files under ``cache`` and reused when present."""
     if cache is None:
@@ -309,7 +304,7 @@ def cached_simulation(seed: int, src: SimulatedSource, grid: ModelGrid, cache: P
             meta = json.loads(meta_path.read_text())
             image = np.load(folder / "image.npy")
             target = np.load(folder / "target.npy")
-            df = pd.read_csv(folder / "vesicles.csv")
+            df = pd.read_csv(folder / OUTPUT_FILES["vesicles"])
             table = VesicleTable(df, meta["grid_voxel_size_a"])
             return TrainingVolume(
                 name=meta["name"], image=image, target=target, weight=np.ones(image.shape, np.uint8),
@@ -318,14 +313,14 @@ def cached_simulation(seed: int, src: SimulatedSource, grid: ModelGrid, cache: P
         except (OSError, ValueError, KeyError) as exc:
             log.warning("ignoring unreadable cached simulation %s: %s", folder, exc)
     vol = simulate_volume(seed, src, grid, large)
-    from cryoves.io.atomic import atomic_path, write_json_atomic
+    from cryoves.atomic import atomic_path, write_json_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, arr in (("image", vol.image), ("target", vol.target)):
         with atomic_path(folder / f"{name}.npy") as tmp:
             np.save(tmp, arr)
     assert vol.vesicles is not None
-    vol.vesicles.write_csv(folder / "vesicles.csv")
+    vol.vesicles.write_csv(folder / OUTPUT_FILES["vesicles"])
     write_json_atomic(meta_path, dict(name=vol.name, source_voxel_size_a=vol.source_voxel_size_a,
                                       scale=list(vol.scale), grid_voxel_size_a=vol.vesicles.voxel_size))
     return vol
@@ -338,7 +333,7 @@ class SimulatedPool:
     so runs with the same seed see the same data. Validation volumes use seeds from another range.
     """
 
-    def __init__(self, src: SimulatedSource, grid: ModelGrid, base_seed: int, cache: Path | None):
+    def __init__(self, src: SimulatedSource, grid: ModelInfo, base_seed: int, cache: Path | None):
         self.src = src
         self.grid = grid
         self.base = src.seed_offset + base_seed * 1_000_000

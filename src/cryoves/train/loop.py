@@ -32,18 +32,20 @@ import torch
 from torch.nn import functional as F
 
 from cryoves import __version__
+from cryoves.atomic import atomic_path, write_json_atomic, write_text_atomic
+from cryoves.device import choose_device, choose_precision
 from cryoves.errors import InputError, ModelError, OutputExistsError, ParameterError
-from cryoves.io.atomic import MANIFEST_NAME, atomic_path, prepare_output_dir, write_json_atomic, write_text_atomic
 from cryoves.postprocess.threshold import threshold_grid
+from cryoves.results import MANIFEST_NAME, prepare_output_dir
 from cryoves.train.augment import augment_batch
 from cryoves.train.config import TrainConfig
 from cryoves.train.data import (
-    ModelGrid,
     PatchSampler,
     SimulatedPool,
     TrainingVolume,
     _components_to_table,
     load_tomogram_source,
+    model_grid,
 )
 
 log = logging.getLogger(__name__)
@@ -66,39 +68,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------- devices and precision
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ParameterError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise ParameterError(f"unknown device '{device}'; use auto, cpu or cuda") from exc
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast: forced by ``bf16``, off for ``fp32``; ``auto`` = on where it is faster
-    (CUDA GPUs that support it; CPUs with AVX512-BF16/AMX, measured ~2× on this project's CPU)."""
-    if precision == "fp32":
-        return False
-    if precision == "bf16":
-        return True
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    return cpu_has_bf16()
-
-
 def adapt_threads() -> int:
     """Choose torch's CPU thread count from the machine's load (``num_threads: null``).
 
@@ -318,7 +287,7 @@ def _build_net(cfg: TrainConfig, device: torch.device):
 
 
 def _load_data(cfg: TrainConfig, outdir: Path, progress: bool):
-    grid = ModelGrid(cfg.voxel_size_a, cfg.normalisation, cfg.prefilter_sigma)
+    grid = model_grid(cfg.voxel_size_a, cfg.normalisation, cfg.prefilter_sigma, name=cfg.name)
     real = [load_tomogram_source(s, grid) for s in cfg.data.train]
     val = [load_tomogram_source(s, grid) for s in cfg.data.val]
     pool = None
@@ -376,10 +345,10 @@ def _import_everything_now() -> None:
     in on an import (e.g. the package was upgraded or edited while it was running)."""
     import matplotlib.pyplot  # noqa: F401
 
-    import cryoves.evaluate  # noqa: F401
-    import cryoves.postprocess.adaptive  # noqa: F401
-    import cryoves.postprocess.threshold  # noqa: F401
-    import cryoves.predict  # noqa: F401
+    import cryoves.evaluate
+    import cryoves.postprocess.adaptive
+    import cryoves.postprocess.threshold
+    import cryoves.predict
     import cryoves.simulate  # noqa: F401
 
 
@@ -414,8 +383,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
         torch.set_num_threads(cfg.num_threads)
     else:
         adapt_threads()
-    device = resolve_device(cfg.device)
-    bf16 = use_bf16(cfg.precision, device)
+    device = choose_device(cfg.device)
+    bf16 = choose_precision(cfg.precision, device, training=True) == "bf16"
     torch.manual_seed(cfg.seed)
     net, base_info = _build_net(cfg, device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)

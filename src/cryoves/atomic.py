@@ -17,9 +17,6 @@ from pathlib import Path
 
 from cryoves.errors import OutputError, OutputExistsError
 
-#: Name of the file that marks an output folder as holding a complete result; written last.
-MANIFEST_NAME = "manifest.json"
-
 
 def _as_output_error(exc: OSError, path: Path) -> OutputError:
     if exc.errno == errno.ENOSPC:
@@ -129,29 +126,6 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(target: str | os.PathLike, obj: object) -> Path:
     """Write ``obj`` as indented JSON to ``target`` atomically."""
     return write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def prepare_output_dir(outdir: str | os.PathLike, *, force: bool = False) -> Path:
-    """Create ``outdir`` for a command's outputs.
-
-    Refuses (``OutputExistsError``) when the folder already holds a complete result, i.e. a
-    manifest, and ``force`` is false. Checks that the folder is writable before any work starts.
-    """
-    outdir = Path(outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise OutputError(f"output {outdir} exists and is not a folder; choose another --output")
-    if (outdir / MANIFEST_NAME).exists() and not force:
-        raise OutputExistsError(
-            f"{outdir} already holds a result ({MANIFEST_NAME}); pass --force to overwrite it "
-            "or choose another --output"
-        )
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=outdir, prefix=".write-test.", delete=True)
-        probe.close()
-    except OSError as exc:
-        raise _as_output_error(exc, outdir) from exc
-    return outdir
 
 
 def make_dir(path: str | os.PathLike) -> Path:

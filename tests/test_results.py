@@ -1,0 +1,96 @@
+"""The result folder (cryoves.results): open_result, is_complete_result for segment and reviewed folders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from _napari_utils import VOXEL_SIZE_A, fake_segment_output, phantom, truth_table
+from _sim_utils import small_sim, write_sim_inputs
+from cryoves.errors import InputError
+from cryoves.napari._session import load_result
+from cryoves.pipeline import SegmentConfig, segment
+from cryoves.results import (
+    MANIFEST_NAME,
+    OUTPUT_FILES,
+    is_complete_result,
+    open_result,
+    result_voxel_size,
+)
+
+
+@pytest.fixture(scope="module")
+def segmented(tmp_path_factory):
+    sim = small_sim(0)
+    d = write_sim_inputs(sim, tmp_path_factory.mktemp("sim"))
+    out = d / "seg"
+    res = segment(d / "tomo.mrc", out, SegmentConfig(from_probability=str(d / "prob.mrc"), report=False))
+    return sim, d, out, res
+
+
+def test_open_result_reads_a_segment_folder(segmented):
+    sim, d, out, res = segmented
+    r = open_result(out)
+    pd.testing.assert_frame_equal(r.vesicles.df, res.vesicles.df, check_exact=False, atol=1e-3)
+    assert len(r.rejected) == len(res.rejected)
+    assert r.voxel_size_a == 22.0 and r.shape == sim.tomogram.shape
+    assert r.kind == "segment" and r.tomogram_path == d / "tomo.mrc"
+    assert set(r.paths) >= {"vesicles", "star", "labels", "probability", "mod", "rejected"}
+    assert r.file("labels") == out / OUTPUT_FILES["labels"]
+
+
+def test_voxel_size_comes_from_the_manifest_else_the_mrc_header(segmented, tmp_path):
+    *_, out, _ = segmented
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in (OUTPUT_FILES["vesicles"], OUTPUT_FILES["labels"]):
+        (copy / name).write_bytes((out / name).read_bytes())
+    assert result_voxel_size(copy) == pytest.approx(22.0)  # no manifest: labels.mrc header
+    r = open_result(copy)
+    assert r.voxel_size_a == pytest.approx(22.0) and r.shape is not None and r.manifest == {}
+    assert len(r.rejected) == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest["inputs"]["voxel_size_a"] = [30.0, 30.0, 30.0]
+    assert result_voxel_size(out, manifest) == 30.0  # the manifest wins over the header
+
+
+def test_open_result_refuses_a_folder_without_a_table(tmp_path):
+    with pytest.raises(InputError, match="vesicles.csv"):
+        open_result(tmp_path)
+
+
+def test_a_reviewed_folder_is_a_complete_result(tmp_path):
+    out = fake_segment_output(tmp_path / "auto", truth_table(), phantom())
+    session, _ = load_result(out, recover=False, fitter=None)
+    session.delete(3)
+    written = session.save()
+    target = written["manifest"].parent
+    assert is_complete_result(target)
+    r = open_result(target)
+    assert r.kind == "review" and sorted(r.vesicles.ids) == [1, 2, 4]
+    assert r.voxel_size_a == pytest.approx(VOXEL_SIZE_A) and r.shape == phantom().shape
+    # a changed output is detected as in a segment folder
+    labels = target / OUTPUT_FILES["labels"]
+    labels.write_bytes(labels.read_bytes()[:-8])
+    assert not is_complete_result(target)
+
+
+def test_segment_result_checksums_cover_every_output(segmented):
+    *_, out, _ = segmented
+    assert is_complete_result(out)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["kind"] == "segment"
+    assert set(manifest["outputs"]) == {OUTPUT_FILES[k] for k in ("vesicles", "star", "mod", "rejected",
+                                                                   "probability", "labels")}
+    assert np.isfinite(manifest["threshold"])
+
+
+def test_evaluate_reads_a_result_folder(segmented):
+    from cryoves.evaluate import read_evaluation_input
+
+    *_, out, res = segmented
+    table = read_evaluation_input(out)
+    np.testing.assert_allclose(table.centres, res.vesicles.centres, atol=1e-3)

@@ -20,8 +20,8 @@ from skimage.segmentation import watershed
 
 from cryoves.errors import ParameterError
 from cryoves.postprocess._common import (
-    check_voxel_size,
     check_volume,
+    check_voxel_size,
     concat_rejected,
     rejected_frame,
     sphere_pairs,

@@ -67,8 +67,8 @@ from scipy.stats import rankdata
 from cryoves.errors import ParameterError
 from cryoves.postprocess._common import (
     check_same_shape,
-    check_voxel_size,
     check_volume,
+    check_voxel_size,
     concat_rejected,
     rejected_frame,
 )
@@ -174,7 +174,7 @@ def _extract(volume: np.ndarray, centre: np.ndarray, half: int) -> tuple[np.ndar
     src_hi = np.minimum(lo + n, volume.shape)
     if np.any(src_hi <= src_lo):
         raise FitFailure("box lies outside the volume")
-    dst = tuple(slice(a - l, b - l) for a, b, l in zip(src_lo, src_hi, lo))
+    dst = tuple(slice(a - start, b - start) for a, b, start in zip(src_lo, src_hi, lo))
     box[dst] = volume[tuple(slice(a, b) for a, b in zip(src_lo, src_hi))]
     return box, lo
 
@@ -509,7 +509,7 @@ def _fit(
     converged = False
     coarse = True  # cross-correlation steps first (wide capture), then Gauss-Newton (exact)
     it = 0
-    for it in range(1, opts.max_iter + 1):
+    for it in range(1, opts.max_iter + 1):  # noqa: B007 - the last value is reported as n_iter
         box, origin = _extract_masked(volume, c, r_cur, _half_size(r_cur, opts), others)
         geo = _Geometry(box, origin, c, opts)
         r, p = _radial_profile(box, geo, opts.bin_width)

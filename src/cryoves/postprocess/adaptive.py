@@ -1,10 +1,20 @@
 """Labelling and adaptive local thresholds: from a thresholded probability map to one object per vesicle.
 
-Connected components use 6-connectivity everywhere. Merged vesicles are split by raising the threshold
-locally until the object falls apart (recursively); the voxels of the merged object that drop below the
-new threshold are given back to the nearest piece by a watershed on the probability, so nothing is lost.
+Connected components use 6-connectivity everywhere. Merged vesicles are split in two passes:
+
+1. by the map: the threshold is raised locally until the object falls apart (recursively); the voxels
+   of the merged object that drop below the new threshold are given back to the nearest piece by a
+   watershed on the probability, so nothing is lost;
+2. by the shape: in dense pools (coats fill the 1-3 nm gaps, the missing wedge smears vesicles along z)
+   the map can stay near 1 between neighbours, so every object is also cut at the necks between the
+   balls it holds (seeded watershed on its distance transform, z distances x 1.5 against the wedge
+   elongation). Over-split pieces are rejoined after the sphere fit (:func:`rejoin_duplicate_pieces`).
+   Measured on dense simulated pools (dev seeds, not the benchmark's): recall after the split step
+   0.848 -> 0.882 and 0.925 -> 0.941, no merged objects left; z factor 1.5 vs 1: +0.2-0.4 % F1.
+
 Partly detected vesicles are grown by lowering the threshold locally. Objects are finally discarded by
-extent and by a minimum volume (a ball of ``min_radius_nm``). All boxes are clipped to the volume.
+extent (unless a ball of half the minimum radius fits inside) and by a minimum volume (a ball of
+``min_radius_nm``). All boxes are clipped to the volume.
 """
 
 from __future__ import annotations
@@ -247,7 +257,7 @@ def label_vesicles(
     shape_split: bool = True,
     shape_depth: float = 0.2,
     shape_min_core: float = 0.5,
-    shape_z_scale: float = 1.0,
+    shape_z_scale: float = 1.5,
     expand: bool = True,
     extent_range: tuple[float, float] = (0.25, 0.75),
     min_inscribed: float = 0.5,
@@ -266,6 +276,9 @@ def label_vesicles(
     ``split_extent`` with volume z-score > ``split_zscore``, volume > ``split_volume_factor`` x the
     median, or elongation -- farthest voxel from the centroid over the equivalent-ball radius -- above
     ``split_elongation``) are split by raising the threshold locally (fresh ids, recursive up to ``max_split_depth``);
+    if ``shape_split``, every object is then cut at the necks between the balls it holds: seeds are the
+    maxima of its distance transform (z distances x ``shape_z_scale``) at least ``shape_min_core`` x the
+    minimum radius deep and ``shape_depth`` x the minimum radius above their saddles;
     if ``expand``, objects smaller than the minimum volume are grown by lowering the threshold in steps of
     ``expand_step`` down to ``expand_min`` (never into a neighbour); finally objects with extent outside
     ``extent_range`` or volume below ``min_volume_fraction`` x a ball of radius ``min_radius_nm`` (nm;

@@ -94,3 +94,49 @@ def test_evaluate_reads_a_result_folder(segmented):
     *_, out, res = segmented
     table = read_evaluation_input(out)
     np.testing.assert_allclose(table.centres, res.vesicles.centres, atol=1e-3)
+
+
+def test_rejected_ids_follow_the_vesicle_ids_and_survive_a_restore(segmented, tmp_path):
+    from cryoves.io import write_mrc
+    from cryoves.napari._session import EditSession
+    from cryoves.vesicles import REJECTED_COLUMNS, RejectedTable
+
+    sim, d, *_ = segmented
+    half = np.zeros(sim.tomogram.shape, np.uint8)  # a region mask over half the volume: rejections
+    half[:, :, : half.shape[2] // 2] = 1
+    write_mrc(tmp_path / "half.mrc", half, sim.tomogram.voxel_size)
+    out = tmp_path / "seg"
+    res = segment(d / "tomo.mrc", out,
+                  SegmentConfig(from_probability=str(d / "prob.mrc"), mask=str(tmp_path / "half.mrc"), report=False))
+    r = open_result(out)
+    assert isinstance(r.rejected, RejectedTable) and list(r.rejected.df.columns[:7]) == REJECTED_COLUMNS
+    n, m = len(r.vesicles), len(r.rejected)
+    assert m > 0, "the small simulation should give some rejected candidates"
+    assert sorted(r.vesicles.ids) == list(range(1, n + 1))
+    assert sorted(r.rejected.ids) == list(range(n + 1, n + m + 1))  # disjoint from the vesicle ids
+    zyx = r.rejected.df[["z", "y", "x"]].dropna()
+    assert zyx.equals(zyx.sort_values(["z", "y", "x"], kind="stable"))  # deterministic order
+    # the table carries the grid of the tomogram it was made on
+    assert r.vesicles.shape == sim.tomogram.shape == res.vesicles.shape
+    assert r.vesicles.origin == (0.0, 0.0, 0.0)
+    np.testing.assert_array_equal(r.vesicles.to_labels(), res.labels)
+
+    session = EditSession(r.vesicles, r.shape, rejected=r.rejected, fitter=None)
+    rej = session.rejected
+    k = int(np.flatnonzero(np.isfinite(rej[["z", "y", "x", "radius"]].to_numpy(float)).all(axis=1))[0])
+    cid = int(rej.loc[k, "id"])
+    assert session.restore(k) == cid and session.row(cid)["source"] == "restored"
+    assert session.add((5, 5, 5), radius=3.0, fit=False) == n + m + 1  # above every candidate's id
+    saved = open_result(next(iter(session.save(tmp_path / "rev").values())).parent)
+    assert cid in set(saved.vesicles.ids) and not set(saved.vesicles.ids) & set(saved.rejected.ids)
+
+
+def test_an_older_rejected_table_with_colliding_ids_is_renumbered_in_the_editor():
+    from cryoves.napari._session import EditSession
+
+    rej = pd.DataFrame({"id": [1, 1], "z": [5.0, 9.0], "y": [5.0, 9.0], "x": [5.0, 9.0], "radius": [3.0, 3.0],
+                        "step": ["fit", "label"], "reason": ["a", "b"]})
+    s = EditSession(truth_table(), phantom().shape, rejected=rej, fitter=None)
+    top = int(truth_table().ids.max())
+    assert list(s.rejected["id"]) == [top + 1, top + 2]
+    assert s.restore(0) == top + 1

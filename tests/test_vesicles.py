@@ -125,3 +125,63 @@ def test_with_df_and_next_id():
     assert VesicleTable.empty(10.0).next_id() == 1
     with pytest.raises(VoxelSizeError):
         VesicleTable(pd.DataFrame({"z": [1.0], "y": [1.0], "x": [1.0], "radius": [1.0]}), 0.0)
+
+
+# pandas >= 3 warns (ChainedAssignmentError) on the writes through ``t.df`` below: they never work
+@pytest.mark.filterwarnings("ignore::Warning")
+def test_the_frame_is_read_only_outside_the_table_and_with_df_changes_it():
+    t = _table()
+    before = t.df
+    d = t.df
+    d.loc[0, "z"] = -99.0  # changes the copy handed out, never the table
+    d.loc[d["id"] == 3, "source"] = "manual"
+    d["extra"] = 1.0
+    t.df.loc[1, "radius"] = 0.0
+    t.df.at[2, "x"] = 0.0
+    t.ids[0] = 1000
+    pd.testing.assert_frame_equal(t.df, before)
+    with pytest.raises(AttributeError):
+        t.df = d  # no setter
+    changed = t.with_df(d)
+    assert changed.df.loc[0, "z"] == -99.0 and changed.df.loc[0, "z_nm"] == pytest.approx(-99.0 * 1.4)
+    assert "extra" in changed.df.columns and t.df.loc[0, "z"] != -99.0
+
+
+def test_the_table_carries_its_grid_through_with_df_and_renders_on_it():
+    t = VesicleTable.from_spheres([[10.0, 10.0, 10.0]], [4.0], 14.0, shape=(20, 30, 40), origin=(1.0, 2.0, 3.5))
+    assert t.shape == (20, 30, 40) and t.origin == (1.0, 2.0, 3.5)
+    t2 = t.with_df(t.df.assign(radius=5.0))
+    assert (t2.shape, t2.origin) == (t.shape, t.origin) and (t.copy().shape, t.copy().origin) == (t.shape, t.origin)
+    assert t.to_labels().shape == (20, 30, 40) and t.to_labels((12, 12, 12)).shape == (12, 12, 12)
+    assert VesicleTable(t.df, 14.0).shape is None  # the constructor's old signature still works
+    with pytest.raises(InputError, match="grid shape"):
+        VesicleTable.from_spheres([[1.0, 1.0, 1.0]], [1.0], 14.0).to_labels()
+    with pytest.raises(InputError, match="grid shape"):
+        VesicleTable.empty(14.0, shape=(0, 5, 5))
+    with pytest.raises(InputError, match="origin"):
+        VesicleTable.empty(14.0, origin=(0.0, np.nan, 0.0))
+    assert labels_to_table(t.to_labels(), 14.0).shape == (20, 30, 40)
+
+
+@pytest.mark.filterwarnings("ignore::Warning")
+def test_rejected_table_validates_renumbers_and_round_trips(tmp_path):
+    from cryoves.vesicles import REJECTED_COLUMNS, RejectedTable
+
+    df = pd.DataFrame({"id": [7, 3, 9], "z": [5.0, 2.0, np.nan], "y": [1.0, 1.0, np.nan], "x": [1.0, 1.0, np.nan],
+                       "radius": [2.0, 3.0, np.nan], "step": ["fit", "label", "fit"], "reason": ["a", "b", np.nan],
+                       "feature": [0.1, 0.2, 0.3]})
+    r = RejectedTable(df)
+    assert list(r.df.columns) == REJECTED_COLUMNS + ["feature"] and r.df["reason"].iloc[2] == ""
+    n = r.renumbered(11)
+    assert list(n.ids) == [11, 12, 13] and list(n.df["step"]) == ["label", "fit", "fit"]  # (z, y, x), NaN last
+    back = RejectedTable.read_csv(n.write_csv(tmp_path / "rejected.csv"))
+    pd.testing.assert_frame_equal(back.df, n.df, check_dtype=False)
+    assert len(RejectedTable.empty()) == 0 and list(RejectedTable.empty().df.columns) == REJECTED_COLUMNS
+    r.df.loc[0, "id"] = 3
+    assert list(r.ids) == [7, 3, 9]  # read-only like the vesicle table
+    with pytest.raises(FormatError, match="duplicate id 3"):
+        RejectedTable(df.assign(id=[3, 3, 4]))
+    with pytest.raises(FormatError, match="positive"):
+        RejectedTable(df.assign(id=[0, 1, 2]))
+    with pytest.raises(FormatError, match="non-numeric"):
+        RejectedTable(df.assign(z=["a", 1.0, 2.0]))

@@ -25,7 +25,6 @@ import numpy as np
 import pandas as pd
 
 from cryoves import DEFAULT_MODEL, __version__
-from cryoves.atomic import atomic_path
 from cryoves.errors import Cancelled, CryovesError, InputError, VoxelSizeError
 from cryoves.io import Tomogram, read_tomogram, write_mrc
 from cryoves.results import (
@@ -37,7 +36,7 @@ from cryoves.results import (
     segment_manifest,
     write_result,
 )
-from cryoves.vesicles import VesicleTable
+from cryoves.vesicles import RejectedTable, VesicleTable
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,8 @@ class SegmentConfig:
 @dataclass
 class SegmentResult:
     vesicles: VesicleTable
-    rejected: pd.DataFrame
+    rejected: RejectedTable
+    """Removed candidates; ids N+1 … N+M after the N vesicles' (see :func:`_final_ids`)."""
     probability: np.ndarray
     labels: np.ndarray
     manifest: dict[str, Any]
@@ -290,7 +290,10 @@ def _cached_probability(outdir: Path, key: str, shape: tuple[int, ...]) -> tuple
 
 
 def _rejected_frame(*frames: pd.DataFrame | None) -> pd.DataFrame:
-    """The steps' rejected tables as one, in the columns of postprocess (extra feature columns kept)."""
+    """The steps' rejected tables as one, in the columns of postprocess (extra feature columns kept).
+
+    Ids are still those of the steps' intermediate objects (they may repeat); :func:`_final_ids`
+    replaces them."""
     from cryoves.postprocess import REJECTED_COLUMNS
 
     parts = [f for f in frames if f is not None and len(f)]
@@ -423,9 +426,10 @@ def _segment(
     rej_region = None
     if cyto is not None:
         vesicles, rej_region = steps.run("region", 0.93, vesicles_in_region, vesicles, cyto)
-    vesicles = _renumber(vesicles)
-    final_labels = steps.run("render", 0.95, vesicles.to_labels, tomo.shape)
-    rejected = _rejected_frame(rej_adaptive, rej_fit, rej_repair, rej_region)
+    vesicles, rejected = _final_ids(
+        vesicles.with_grid(tomo.shape, tomo.origin), _rejected_frame(rej_adaptive, rej_fit, rej_repair, rej_region)
+    )
+    final_labels = steps.run("render", 0.95, vesicles.to_labels)
 
     manifest = segment_manifest(
         version=__version__,
@@ -471,9 +475,19 @@ def _threshold_candidates(cfg: SegmentConfig, model: Any, pred_info: dict[str, A
 
 
 def _renumber(table: VesicleTable) -> VesicleTable:
-    df = table.df.sort_values(["z", "y", "x"]).reset_index(drop=True)
+    """Vesicle ids 1 … N in (z, y, x) order."""
+    df = table.df.sort_values(["z", "y", "x"], kind="stable").reset_index(drop=True)
     df["id"] = np.arange(1, len(df) + 1)
     return table.with_df(df)
+
+
+def _final_ids(vesicles: VesicleTable, rejected: pd.DataFrame) -> tuple[VesicleTable, RejectedTable]:
+    """The ids of the written result: vesicles 1 … N and rejected candidates N+1 … N+M, both in
+    (z, y, x) order (candidates without a centre last), so no id is used twice and a candidate
+    restored in review keeps its id. The steps' intermediate ids are dropped."""
+    vesicles = _renumber(vesicles)
+    rej = rejected.assign(id=np.arange(1, len(rejected) + 1))  # intermediate ids may repeat
+    return vesicles, RejectedTable(rej).renumbered(len(vesicles) + 1)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -485,7 +499,7 @@ def _write_result_files(
     *,
     tomo: Tomogram,
     vesicles: VesicleTable,
-    rejected: pd.DataFrame,
+    rejected: RejectedTable,
     prob: np.ndarray,
     labels: np.ndarray,
     cyto: np.ndarray | None,
@@ -503,8 +517,7 @@ def _write_result_files(
     vesicles.write_csv(out / f["vesicles"])
     write_vesicles(out / f["star"], vesicles)
     write_vesicles_mod(out / f["mod"], vesicles, tomo.shape)
-    with atomic_path(out / f["rejected"]) as tmp:
-        rejected.to_csv(tmp, index=False, float_format="%.4f")
+    rejected.write_csv(out / f["rejected"])
     write_mrc(out / f["probability"], prob.astype(np.float32, copy=False), vs, origin)
     write_mrc(out / f["labels"], labels, vs, origin)
     written = [f["vesicles"], f["star"], f["mod"], f["rejected"], f["probability"], f["labels"]]

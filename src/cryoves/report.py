@@ -246,7 +246,7 @@ def make_report(
     if manifest is None:
         raise InputError(f"{outdir} holds no complete segmentation result (no {MANIFEST_NAME})")
     result = open_result(outdir)
-    manifest, table, rejected, vs = result.manifest, result.vesicles, result.rejected, result.voxel_size_a
+    manifest, table, rejected, vs = result.manifest, result.vesicles, result.rejected.df, result.voxel_size_a
     tomo_path = tomogram or result.tomogram_path
     if not tomo_path or not Path(tomo_path).exists():
         raise InputError(f"tomogram {tomo_path} not found; pass --tomogram PATH")

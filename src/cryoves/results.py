@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from cryoves.atomic import _as_output_error, write_json_atomic
 from cryoves.errors import FormatError, InputError, OutputError, OutputExistsError
-from cryoves.vesicles import VesicleTable
+from cryoves.vesicles import RejectedTable, VesicleTable
 
 #: Name of the file that marks an output folder as holding a complete result; written last.
 #: Also marks the output folders of ``simulate`` and ``train``.
@@ -103,6 +102,7 @@ def review_manifest(
     counts: dict[str, Any],
     voxel_size_a: float,
     shape: Iterable[int],
+    origin_a: Iterable[float] = (0.0, 0.0, 0.0),
 ) -> dict[str, Any]:
     """The manifest of a folder saved by the napari editor (``outputs`` filled in by :func:`write_result`)."""
     return {
@@ -112,6 +112,7 @@ def review_manifest(
         "counts": counts,
         "voxel_size_a": voxel_size_a,
         "shape": [int(s) for s in shape],
+        "origin_a": [float(o) for o in origin_a],
         "outputs": {},
     }
 
@@ -215,7 +216,9 @@ class Result:
 
     path: Path
     vesicles: VesicleTable
-    rejected: pd.DataFrame
+    """The vesicles, carrying the voxel size, grid shape and origin below."""
+    rejected: RejectedTable
+    """The removed candidates (empty when the folder has no rejected.csv)."""
     voxel_size_a: float
     """Isotropic voxel size (Å) of the grid the result was made on."""
     shape: tuple[int, int, int] | None
@@ -242,7 +245,8 @@ class Result:
 
     @property
     def origin_a(self) -> tuple[float, float, float]:
-        return tuple(float(v) for v in self.inputs.get("origin_a") or (0.0, 0.0, 0.0))  # type: ignore[return-value]
+        """Grid origin (Å, z, y, x) from the manifest; (0, 0, 0) when it does not tell."""
+        return _result_origin(self.manifest) or (0.0, 0.0, 0.0)
 
     def file(self, key: str) -> Path:
         """Path of output ``key`` of :data:`OUTPUT_FILES` (it may not exist)."""
@@ -284,6 +288,11 @@ def result_voxel_size(folder: str | os.PathLike, manifest: dict[str, Any] | None
     return None
 
 
+def _result_origin(manifest: dict[str, Any]) -> tuple[float, float, float] | None:
+    origin = (manifest.get("inputs") or {}).get("origin_a") or manifest.get("origin_a")
+    return tuple(float(v) for v in origin) if origin else None  # type: ignore[return-value]
+
+
 def _result_shape(folder: Path, manifest: dict[str, Any]) -> tuple[int, int, int] | None:
     shape = (manifest.get("inputs") or {}).get("shape") or manifest.get("shape")
     if shape:
@@ -303,7 +312,9 @@ def _result_shape(folder: Path, manifest: dict[str, Any]) -> tuple[int, int, int
 def open_result(path: str | os.PathLike, *, voxel_size: float | None = None) -> Result:
     """Read a result folder (``cryoves segment`` output or a saved review).
 
-    ``voxel_size`` (Å) overrides the one recovered by :func:`result_voxel_size`. Raises
+    ``voxel_size`` (Å) overrides the one recovered by :func:`result_voxel_size`. The vesicle
+    table carries the grid shape and origin the manifest names (``inputs.shape``,
+    ``inputs.origin_a``; the shape of ``labels.mrc`` when the manifest does not tell). Raises
     :class:`InputError` when the folder has no vesicle table.
     """
     folder = Path(path)
@@ -312,7 +323,8 @@ def open_result(path: str | os.PathLike, *, voxel_size: float | None = None) -> 
         raise InputError(f"{folder} holds no {OUTPUT_FILES['vesicles']}; give a 'cryoves segment' output folder")
     manifest = read_manifest(folder) or {}
     vs = voxel_size if voxel_size is not None else result_voxel_size(folder, manifest)
-    table = VesicleTable.read_csv(csv, voxel_size=vs)
+    shape = _result_shape(folder, manifest)
+    table = VesicleTable.read_csv(csv, voxel_size=vs, shape=shape, origin=_result_origin(manifest))
     rej_path = folder / OUTPUT_FILES["rejected"]
-    rejected = pd.read_csv(rej_path) if rej_path.is_file() else pd.DataFrame()
-    return Result(folder, table, rejected, float(table.voxel_size), _result_shape(folder, manifest), manifest)
+    rejected = RejectedTable.read_csv(rej_path) if rej_path.is_file() else RejectedTable.empty()
+    return Result(folder, table, rejected, float(table.voxel_size), shape, manifest)

@@ -4,6 +4,12 @@ One row per vesicle. Coordinates are in voxels of the *input tomogram grid* (z, 
 centres at integer coordinates, and the same in nm (``z_nm = z * voxel_size_nm``, relative to the
 centre of voxel (0, 0, 0); the file origin is not added). ``radius`` is the outer membrane radius.
 Label volumes, IMOD models, STAR files and napari layers are renderings of this table.
+
+A table also knows the grid it lives on when that is known: ``shape`` (z, y, x voxels) and
+``origin`` (Å, z, y, x, as :attr:`cryoves.io.Tomogram.origin`). Its frame is read-only from
+outside: :attr:`VesicleTable.df` hands out a copy (cheap under pandas copy-on-write), and
+:meth:`VesicleTable.with_df` makes the changed table. :class:`RejectedTable` holds the candidates
+the pipeline removed (``rejected.csv``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,41 @@ from cryoves.errors import FormatError, InputError, VoxelSizeError
 log = logging.getLogger(__name__)
 
 CORE_COLUMNS = ["id", "z", "y", "x", "radius", "z_nm", "y_nm", "x_nm", "radius_nm"]
+#: Columns of every rejected-candidates table (centre and radius in voxels, NaN when unknown).
+REJECTED_COLUMNS = ["id", "z", "y", "x", "radius", "step", "reason"]
+
+#: pandas >= 3 always copies on write, so a shallow copy of a frame is a safe read-only hand-out;
+#: older pandas shares the data of a shallow copy, so :attr:`VesicleTable.df` copies it deeply.
+_COPY_ON_WRITE = int(pd.__version__.split(".")[0]) >= 3
+
+
+def _handout(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``df`` whose changes never reach ``df`` (shallow under copy-on-write: ~20 µs)."""
+    return df.copy(deep=not _COPY_ON_WRITE)
+
+
+def _check_shape(shape: Any) -> tuple[int, int, int] | None:
+    if shape is None:
+        return None
+    try:
+        out = tuple(int(s) for s in shape)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"grid shape must be three integers (z, y, x), got {shape!r}") from exc
+    if len(out) != 3 or min(out) < 1:
+        raise InputError(f"grid shape must be three positive integers (z, y, x), got {shape!r}")
+    return out  # type: ignore[return-value]
+
+
+def _check_origin(origin: Any) -> tuple[float, float, float] | None:
+    if origin is None:
+        return None
+    try:
+        out = tuple(float(o) for o in origin)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"grid origin must be three numbers in Å (z, y, x), got {origin!r}") from exc
+    if len(out) != 3 or not np.isfinite(out).all():
+        raise InputError(f"grid origin must be three finite numbers in Å (z, y, x), got {origin!r}")
+    return out  # type: ignore[return-value]
 #: Optional per-vesicle columns, filled by later steps (NaN / empty when unknown).
 QC_COLUMNS = {
     "membrane_thickness_nm": float,
@@ -76,13 +117,32 @@ def flag_list(flags: Any) -> list[str]:
 
 
 class VesicleTable:
-    """Spheres with provenance and QC features, plus the voxel size (Å) that links voxels to nm."""
+    """Spheres with provenance and QC features, plus the voxel size (Å) that links voxels to nm.
 
-    def __init__(self, df: pd.DataFrame, voxel_size: float):
+    ``shape`` (z, y, x voxels) and ``origin`` (Å, z, y, x) describe the tomogram grid the table
+    lives on, None when unknown; :meth:`with_df` and :meth:`copy` keep them. The rows are read
+    through :attr:`df`, a copy: change a table with ``table.with_df(new_df)``.
+    """
+
+    def __init__(
+        self,
+        df: pd.DataFrame,
+        voxel_size: float,
+        *,
+        shape: Iterable[int] | None = None,
+        origin: Iterable[float] | None = None,
+    ):
         if voxel_size is None or not np.isfinite(voxel_size) or voxel_size <= 0:
             raise VoxelSizeError(f"vesicle table needs a positive voxel size in Å, got {voxel_size!r}")
         self.voxel_size = float(voxel_size)
-        self.df = self._normalise(df)
+        self.shape = _check_shape(shape)
+        self.origin = _check_origin(origin)
+        self._df = self._normalise(df)
+
+    @property
+    def df(self) -> pd.DataFrame:
+        """The rows, as a copy: changing it never changes the table (use :meth:`with_df`)."""
+        return _handout(self._df)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -92,6 +152,9 @@ class VesicleTable:
         radii: Any,
         voxel_size: float,
         ids: Iterable[int] | None = None,
+        *,
+        shape: Iterable[int] | None = None,
+        origin: Iterable[float] | None = None,
         **columns: Any,
     ) -> VesicleTable:
         """Build a table from centres (N, 3) (z, y, x) and radii (N,) in voxels."""
@@ -105,11 +168,13 @@ class VesicleTable:
         )
         for name, values in columns.items():
             df[name] = values
-        return cls(df, voxel_size)
+        return cls(df, voxel_size, shape=shape, origin=origin)
 
     @classmethod
-    def empty(cls, voxel_size: float) -> VesicleTable:
-        return cls.from_spheres(np.zeros((0, 3)), np.zeros(0), voxel_size)
+    def empty(
+        cls, voxel_size: float, *, shape: Iterable[int] | None = None, origin: Iterable[float] | None = None
+    ) -> VesicleTable:
+        return cls.from_spheres(np.zeros((0, 3)), np.zeros(0), voxel_size, shape=shape, origin=origin)
 
     def _normalise(self, df: pd.DataFrame) -> pd.DataFrame:
         df = df.copy()
@@ -151,56 +216,81 @@ class VesicleTable:
 
     # ----------------------------------------------------------------- access
     def __len__(self) -> int:
-        return len(self.df)
+        return len(self._df)
 
     def __repr__(self) -> str:
-        return f"VesicleTable({len(self)} vesicles, voxel size {self.voxel_size:g} Å)"
+        grid = f", grid {self.shape}" if self.shape is not None else ""
+        return f"VesicleTable({len(self)} vesicles, voxel size {self.voxel_size:g} Å{grid})"
 
     @property
     def ids(self) -> np.ndarray:
-        return self.df["id"].to_numpy()
+        return self._df["id"].to_numpy(copy=True)
 
     @property
     def centres(self) -> np.ndarray:
         """(N, 3) centres in voxels, (z, y, x)."""
-        return self.df[["z", "y", "x"]].to_numpy(dtype=float)
+        return self._df[["z", "y", "x"]].to_numpy(dtype=float, copy=True)
 
     @property
     def radii(self) -> np.ndarray:
         """(N,) outer radii in voxels."""
-        return self.df["radius"].to_numpy(dtype=float)
+        return self._df["radius"].to_numpy(dtype=float, copy=True)
 
     def copy(self) -> VesicleTable:
-        return VesicleTable(self.df, self.voxel_size)
+        return self.with_df(self._df)
 
     def with_df(self, df: pd.DataFrame) -> VesicleTable:
-        """A new table with the same voxel size and ``df`` as rows (nm columns recomputed)."""
-        return VesicleTable(df, self.voxel_size)
+        """A new table with ``df`` as rows and this table's voxel size, shape and origin (nm
+        columns recomputed, rows validated). The one way to change a table."""
+        return VesicleTable(df, self.voxel_size, shape=self.shape, origin=self.origin)
+
+    def with_grid(
+        self, shape: Iterable[int] | None = None, origin: Iterable[float] | None = None
+    ) -> VesicleTable:
+        """The same rows on the grid ``shape`` (z, y, x voxels) / ``origin`` (Å); None keeps this table's."""
+        return VesicleTable(
+            self._df,
+            self.voxel_size,
+            shape=self.shape if shape is None else shape,
+            origin=self.origin if origin is None else origin,
+        )
 
     def next_id(self) -> int:
-        return int(self.df["id"].max()) + 1 if len(self) else 1
+        return int(self._df["id"].max()) + 1 if len(self) else 1
 
     # ----------------------------------------------------------------- rendering
-    def to_labels(self, shape: tuple[int, int, int], dtype: Any = np.uint32) -> np.ndarray:
-        """Render filled balls into an instance label volume of ``shape`` (z, y, x).
+    def to_labels(self, shape: Iterable[int] | None = None, dtype: Any = np.uint32) -> np.ndarray:
+        """Render filled balls into an instance label volume of ``shape`` (z, y, x; default the
+        table's own :attr:`shape`, :class:`InputError` when neither is known).
 
         A voxel belongs to a vesicle when its centre lies within ``radius`` of the (sub-voxel)
         vesicle centre. Overlap rule: where spheres overlap, the voxel goes to the vesicle whose
         surface it lies deepest inside (largest ``radius - distance``); ties keep the earlier row.
         Only each sphere's bounding box is touched.
         """
-        return render_labels(self.centres, self.radii, self.ids, shape, dtype=dtype)
+        grid = _check_shape(shape) or self.shape
+        if grid is None:
+            raise InputError("rendering labels needs the grid shape (z, y, x): the vesicle table does not know it; give a shape")
+        return render_labels(self.centres, self.radii, self.ids, grid, dtype=dtype)
 
     # ----------------------------------------------------------------- CSV
     def write_csv(self, path: str | Path) -> Path:
         """Write the table as CSV atomically (columns: see ``docs/formats.md``)."""
         with atomic_path(path) as tmp:
-            self.df.to_csv(tmp, index=False, float_format="%.4f")
+            self._df.to_csv(tmp, index=False, float_format="%.4f")
         return Path(path)
 
     @classmethod
-    def read_csv(cls, path: str | Path, voxel_size: float | None = None) -> VesicleTable:
-        """Read a vesicle CSV. The voxel size comes from ``voxel_size`` or the nm columns."""
+    def read_csv(
+        cls,
+        path: str | Path,
+        voxel_size: float | None = None,
+        *,
+        shape: Iterable[int] | None = None,
+        origin: Iterable[float] | None = None,
+    ) -> VesicleTable:
+        """Read a vesicle CSV. The voxel size comes from ``voxel_size`` or the nm columns; the
+        CSV does not hold the grid, give ``shape`` / ``origin`` when known."""
         path = Path(path)
         if not path.exists():
             raise InputError(f"file not found: {path}; check the path")
@@ -211,7 +301,103 @@ class VesicleTable:
         if voxel_size is None:
             voxel_size = _voxel_size_from_nm_columns(df, path)
         try:
-            return cls(df, voxel_size)
+            return cls(df, voxel_size, shape=shape, origin=origin)
+        except FormatError as exc:
+            raise FormatError(f"{path}: {exc}") from exc
+
+
+class RejectedTable:
+    """Candidates removed by the pipeline (``rejected.csv``), or rejected in a review.
+
+    Columns :data:`REJECTED_COLUMNS`: ``id`` (positive integer, unique), ``z, y, x, radius``
+    (voxels of the tomogram grid; NaN when unknown), ``step`` and ``reason`` (text); other columns
+    (a step's features, the editor's ``review``) are kept. In a ``segment`` result the ids continue
+    those of ``vesicles.csv`` (see docs/formats.md). Read-only like :class:`VesicleTable`:
+    :attr:`df` is a copy, :meth:`with_df` makes a changed table.
+    """
+
+    def __init__(self, df: pd.DataFrame | None = None):
+        self._df = self._normalise(df)
+
+    @classmethod
+    def empty(cls) -> RejectedTable:
+        return cls(None)
+
+    @staticmethod
+    def _normalise(df: pd.DataFrame | None) -> pd.DataFrame:
+        df = pd.DataFrame(columns=REJECTED_COLUMNS) if df is None else df.copy()
+        if "id" not in df.columns:
+            df.insert(0, "id", np.arange(1, len(df) + 1))
+        for c in ("z", "y", "x", "radius"):
+            if c not in df.columns:
+                df[c] = np.nan
+            num = pd.to_numeric(df[c], errors="coerce")
+            if (num.isna() & df[c].notna()).any():
+                bad = df.loc[num.isna() & df[c].notna(), c].iloc[0]
+                raise FormatError(f"rejected table column {c} holds a non-numeric value {bad!r}; fix or drop that row")
+            df[c] = num.astype(float)
+        for c in ("step", "reason"):
+            if c not in df.columns:
+                df[c] = ""
+            df[c] = df[c].astype(object).where(df[c].notna(), "").astype(str)
+        ids = pd.to_numeric(df["id"], errors="coerce")
+        if ids.isna().any() or (ids != np.round(ids)).any():
+            raise FormatError("rejected candidate ids must be integers; fix the id column or drop it")
+        df["id"] = ids.astype(np.int64)
+        if len(df) and (df["id"] <= 0).any():
+            raise FormatError("rejected candidate ids must be positive; renumber them")
+        if df["id"].duplicated().any():
+            dup = df.loc[df["id"].duplicated(), "id"].iloc[0]
+            raise FormatError(f"rejected table has duplicate id {dup}; give every candidate its own id")
+        if len(df) and (df["radius"] < 0).any():
+            raise FormatError("rejected table has radius < 0; fix or drop those rows")
+        rest = [c for c in df.columns if c not in REJECTED_COLUMNS]
+        return df[REJECTED_COLUMNS + rest].reset_index(drop=True)
+
+    def __len__(self) -> int:
+        return len(self._df)
+
+    def __repr__(self) -> str:
+        return f"RejectedTable({len(self)} candidates)"
+
+    @property
+    def df(self) -> pd.DataFrame:
+        """The rows, as a copy: changing it never changes the table (use :meth:`with_df`)."""
+        return _handout(self._df)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._df["id"].to_numpy(copy=True)
+
+    def with_df(self, df: pd.DataFrame) -> RejectedTable:
+        return RejectedTable(df)
+
+    def renumbered(self, first_id: int) -> RejectedTable:
+        """Ids ``first_id, first_id + 1, …`` in the order of the vesicle ids: sorted by (z, y, x),
+        candidates without a centre last, ties (and those) in their current order."""
+        df = self._df.sort_values(["z", "y", "x"], na_position="last", kind="stable").reset_index(drop=True)
+        df["id"] = np.arange(int(first_id), int(first_id) + len(df), dtype=np.int64)
+        return RejectedTable(df)
+
+    def write_csv(self, path: str | Path) -> Path:
+        """Write the table as CSV atomically."""
+        with atomic_path(path) as tmp:
+            self._df.to_csv(tmp, index=False, float_format="%.4f")
+        return Path(path)
+
+    @classmethod
+    def read_csv(cls, path: str | Path) -> RejectedTable:
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"file not found: {path}; check the path")
+        try:
+            df = pd.read_csv(path)
+        except pd.errors.EmptyDataError:
+            return cls.empty()
+        except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+            raise FormatError(f"{path} is not a readable rejected-candidates CSV: {exc}") from exc
+        try:
+            return cls(df)
         except FormatError as exc:
             raise FormatError(f"{path}: {exc}") from exc
 
@@ -307,7 +493,7 @@ def labels_to_table(labels: np.ndarray, voxel_size: float, *, min_id: int = 1) -
     if arr.dtype.kind not in "iu":
         raise FormatError(f"label volume must hold integers, got {arr.dtype}")
     if arr.size == 0 or int(arr.max()) < min_id:
-        return VesicleTable.empty(voxel_size)
+        return VesicleTable.empty(voxel_size, shape=arr.shape if arr.size else None)
     if arr.dtype.kind == "i":
         if int(arr.min()) < 0:
             raise FormatError("label volume holds negative values")
@@ -324,4 +510,4 @@ def labels_to_table(labels: np.ndarray, voxel_size: float, *, min_id: int = 1) -
     keep = (counts > 0) & (ids >= min_id)
     centres = np.asarray(stats["centroids"], dtype=float)[keep]
     radii = np.cbrt(3.0 * counts[keep] / (4.0 * np.pi))
-    return VesicleTable.from_spheres(centres, radii, voxel_size, ids=ids[keep].astype(np.int64))
+    return VesicleTable.from_spheres(centres, radii, voxel_size, ids=ids[keep].astype(np.int64), shape=arr.shape)

@@ -15,7 +15,7 @@ import numpy as np
 
 from cryoves.io import MRC_SUFFIXES
 from cryoves.results import is_result_folder
-from cryoves.vesicles import VesicleTable
+from cryoves.vesicles import RejectedTable, VesicleTable
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ def vesicle_layers(
         (labels, {"name": name, "scale": scale, "opacity": 0.35}, "labels"),
         (table.centres, points_kwargs(table, name=f"{name} (spheres)", scale=scale), "points"),
     ]
+    if isinstance(rejected, RejectedTable):
+        rejected = rejected.df
     if rejected is not None and len(rejected):
         c = rejected[["z", "y", "x"]].to_numpy(float)
         r = rejected["radius"].to_numpy(float)

@@ -32,7 +32,7 @@ from cryoves.results import (
     review_manifest,
     write_result,
 )
-from cryoves.vesicles import VesicleTable, qc_score, render_labels
+from cryoves.vesicles import REJECTED_COLUMNS, RejectedTable, VesicleTable, qc_score, render_labels
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 RECOVERY_NAME = ".cryoves-review-recovery.json"
 #: Default folder (inside the automatic result) where reviewed results are saved.
 REVIEW_DIRNAME = "reviewed"
-#: Columns of the rejected-candidates table (voxels; NaN when unknown) plus the review flag.
-REJECTED_COLUMNS = ["id", "z", "y", "x", "radius", "step", "reason"]
 #: Radius (nm) of a manually placed vesicle when neither the table nor the caller gives one.
 DEFAULT_RADIUS_NM = 20.0
 MAX_HISTORY = 1000
@@ -92,7 +90,10 @@ class EditSession:
         table: the vesicles (voxel size in Å; coordinates in voxels of the tomogram grid).
         shape: (z, y, x) shape of the tomogram.
         tomogram: the volume used by the sphere fit (any array-like; None: no fitting).
-        rejected: candidates rejected by the pipeline (columns ``id, z, y, x, radius, step, reason``).
+        rejected: candidates rejected by the pipeline (a :class:`~cryoves.vesicles.RejectedTable` or a
+            frame with its columns ``id, z, y, x, radius, step, reason``). Their ids should differ
+            from the vesicles' (a ``segment`` result's do); when they do not (results of older
+            versions), the candidates are renumbered after the vesicles.
         recovery_path: file rewritten (atomically) after every edit; None disables autosave.
         fitter: sphere fit (default: ``cryoves.postprocess.spheres.fit_sphere``); None: no fitting.
         expected_radius: radius (voxels) of manually placed spheres; default the median table radius.
@@ -105,7 +106,7 @@ class EditSession:
         shape: Sequence[int],
         *,
         tomogram: Any = None,
-        rejected: pd.DataFrame | None = None,
+        rejected: pd.DataFrame | RejectedTable | None = None,
         recovery_path: str | Path | None = None,
         fitter: Fitter | None | str = "default",
         expected_radius: float | None = None,
@@ -133,8 +134,10 @@ class EditSession:
         if "review" not in df.columns:
             df["review"] = ""
         df["review"] = _text_column(df["review"])
-        self.table = table.with_df(df)
-        self.rejected = self._normalise_rejected(rejected)
+        self.table = table.with_df(df).with_grid(self.shape, self.origin)
+        #: the rejected candidates (a :class:`RejectedTable`'s columns plus ``review``); ids never
+        #: collide with the vesicles', so a restored candidate keeps its id
+        self.rejected = self._normalise_rejected(rejected, self.table.ids)
         self.labels = self.table.to_labels(self.shape)
         #: (lo, hi) voxel corners of the box re-rendered by the last edit (for partial display refresh)
         self.last_box: tuple[tuple[int, ...], tuple[int, ...]] | None = None
@@ -144,17 +147,25 @@ class EditSession:
 
     # ----------------------------------------------------------------- state
     @staticmethod
-    def _normalise_rejected(rejected: pd.DataFrame | None) -> pd.DataFrame:
+    def _normalise_rejected(rejected: pd.DataFrame | RejectedTable | None, vesicle_ids: np.ndarray) -> pd.DataFrame:
         if rejected is None or len(rejected) == 0:
             return _empty_rejected()
-        df = rejected.copy()
-        for c in REJECTED_COLUMNS:
-            if c not in df.columns:
-                df[c] = np.nan if c in ("z", "y", "x", "radius") else ""
+        df = rejected.df if isinstance(rejected, RejectedTable) else rejected.copy()
+        ids = pd.to_numeric(df["id"], errors="coerce") if "id" in df.columns else None
+        if ids is None or ids.isna().any() or ids.duplicated().any() or ids.isin(vesicle_ids).any():
+            # ids of an older result (intermediate objects): give them ids after the vesicles'
+            first = int(vesicle_ids.max()) + 1 if len(vesicle_ids) else 1
+            df = df.assign(id=np.arange(first, first + len(df)))
+        df = RejectedTable(df).df
         if "review" not in df.columns:
             df["review"] = ""
         df["review"] = _text_column(df["review"])
         return df.reset_index(drop=True)
+
+    def next_id(self) -> int:
+        """The id of the next added vesicle: above every vesicle's and rejected candidate's."""
+        ids = np.concatenate([self.table.ids, pd.to_numeric(self.rejected["id"], errors="coerce").dropna().to_numpy()])
+        return int(ids.max()) + 1 if len(ids) else 1
 
     def _state(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         return self.table.df, self.rejected
@@ -259,7 +270,7 @@ class EditSession:
         row = {"z": centre[0], "y": centre[1], "x": centre[2], "radius": radius, "source": "manual"}
         if fit:
             row.update(self._fit(centre, radius) or {})
-        vid = self.table.next_id()
+        vid = self.next_id()
         row.update(id=vid, review="accepted")
         df = pd.concat([self.table.df, pd.DataFrame([row])], ignore_index=True)
         self._commit(f"add {vid}", df)
@@ -376,7 +387,7 @@ class EditSession:
         vid = (
             int(row["id"])
             if pd.notna(row["id"]) and int(row["id"]) not in set(self.table.ids) and int(row["id"]) > 0
-            else self.table.next_id()
+            else self.next_id()
         )
         new = {
             "id": vid,
@@ -506,14 +517,11 @@ class EditSession:
         written: dict[str, Path] = {}
 
         def write_files(out: Path) -> list[str]:
-            from cryoves.atomic import atomic_path
             from cryoves.io import write_mrc
 
             table = self.table
             written["csv"] = table.write_csv(out / OUTPUT_FILES["vesicles"])
-            with atomic_path(out / OUTPUT_FILES["rejected"]) as tmp:
-                self.rejected.to_csv(tmp, index=False, float_format="%.4f")
-            written["rejected"] = out / OUTPUT_FILES["rejected"]
+            written["rejected"] = RejectedTable(self.rejected).write_csv(out / OUTPUT_FILES["rejected"])
             vs = (self.voxel_size,) * 3
             written["labels"] = write_mrc(out / OUTPUT_FILES["labels"], self.labels, vs, self.origin)
             for name, fn in _optional_exporters().items():
@@ -530,6 +538,7 @@ class EditSession:
             counts=self.counts(),
             voxel_size_a=self.voxel_size,
             shape=self.shape,
+            origin_a=self.origin,
         )
         written["manifest"] = write_result(outdir, write_files, manifest)
         return written

@@ -8,9 +8,7 @@ import numpy as np
 import pandas as pd
 
 from cryoves.errors import InputError, VoxelSizeError
-
-#: Columns of every rejected-vesicles table (centre and radius in voxels, NaN when unknown).
-REJECTED_COLUMNS = ["id", "z", "y", "x", "radius", "step", "reason"]
+from cryoves.vesicles import REJECTED_COLUMNS  # the columns of cryoves.vesicles.RejectedTable
 
 
 def rejected_frame(

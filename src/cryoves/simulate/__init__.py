@@ -113,7 +113,7 @@ def simulate(config: SimulationConfig | None = None, seed: int = 0) -> Simulatio
 
     vs = cfg.voxel_size_a
     table = _vesicle_table(lay, vol, cfg)
-    labels = table.to_labels(cfg.shape, dtype=np.uint32)
+    labels = table.to_labels(dtype=np.uint32)
     az_pts, mem_pts = _membrane_points(lay, cfg)
     return Simulation(
         tomogram=Tomogram(data=rec.astype(np.float32), voxel_size=(vs, vs, vs)),
@@ -145,6 +145,8 @@ def _vesicle_table(lay: Layout, vol, cfg: SimulationConfig) -> VesicleTable:
         c / v,
         lay.radii_nm / v,
         cfg.voxel_size_a,
+        shape=cfg.shape,
+        origin=(0.0, 0.0, 0.0),
         membrane_thickness_nm=lay.thickness_nm,
         source=["ground_truth"] * len(c),
         population=list(lay.population),

@@ -140,3 +140,16 @@ def test_an_older_rejected_table_with_colliding_ids_is_renumbered_in_the_editor(
     top = int(truth_table().ids.max())
     assert list(s.rejected["id"]) == [top + 1, top + 2]
     assert s.restore(0) == top + 1
+
+
+def test_an_older_rejected_table_with_duplicate_ids_still_opens(tmp_path):
+    from cryoves.results import OUTPUT_FILES, open_result
+    from cryoves.vesicles import VesicleTable
+
+    table = VesicleTable.from_spheres([[5, 5, 5], [9, 9, 9]], [2.0, 2.0], 10.0)
+    table.write_csv(tmp_path / OUTPUT_FILES["vesicles"])
+    (tmp_path / OUTPUT_FILES["rejected"]).write_text(
+        "id,z,y,x,radius,step,reason\n3,1,1,1,1,label,small\n3,2,2,2,1,fit,no membrane\n"
+    )
+    res = open_result(tmp_path)
+    assert list(res.rejected.ids) == [3, 4] and list(res.rejected.df["step"]) == ["label", "fit"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -26,6 +27,8 @@ import numpy as np
 from cryoves.atomic import _as_output_error, write_json_atomic
 from cryoves.errors import FormatError, InputError, OutputError, OutputExistsError
 from cryoves.vesicles import RejectedTable, VesicleTable
+
+log = logging.getLogger(__name__)
 
 #: Name of the file that marks an output folder as holding a complete result; written last.
 #: Also marks the output folders of ``simulate`` and ``train``.
@@ -326,5 +329,19 @@ def open_result(path: str | os.PathLike, *, voxel_size: float | None = None) -> 
     shape = _result_shape(folder, manifest)
     table = VesicleTable.read_csv(csv, voxel_size=vs, shape=shape, origin=_result_origin(manifest))
     rej_path = folder / OUTPUT_FILES["rejected"]
-    rejected = RejectedTable.read_csv(rej_path) if rej_path.is_file() else RejectedTable.empty()
+    rejected = _read_rejected(rej_path, len(table)) if rej_path.is_file() else RejectedTable.empty()
     return Result(folder, table, rejected, float(table.voxel_size), shape, manifest)
+
+
+def _read_rejected(path: Path, n_vesicles: int) -> RejectedTable:
+    """The rejected table; folders written before ids were unique get ids after the vesicles'."""
+    import pandas as pd
+
+    try:
+        return RejectedTable.read_csv(path)
+    except FormatError:
+        df = pd.read_csv(path)
+        if "id" not in df.columns or not df["id"].duplicated().any():
+            raise
+        log.info("%s: duplicate candidate ids (older cryoves); renumbered after the vesicles", path)
+        return RejectedTable(df.drop(columns="id")).renumbered(n_vesicles + 1)

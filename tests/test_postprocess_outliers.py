@@ -287,3 +287,12 @@ def test_well_fitted_vesicles_with_ctf_fringes_are_kept():
     got = out.df.sort_values("x")
     np.testing.assert_allclose(got["radius"], radii, atol=0.4)
     np.testing.assert_allclose(got[["z", "y", "x"]].to_numpy(), centres, atol=0.4)
+
+
+def test_two_doubts_remove_even_a_supported_fit():
+    t = _supported_table()
+    df = t.df.copy()
+    df.loc[3, "membrane_thickness_nm"] = 12.0  # Mahalanobis outlier ...
+    df.loc[3, "profile_correlation"] = 0.1  # ... with a doubtful profile as well
+    out, rej = repair(t.with_df(df), None, min_radius_nm=1.0)
+    assert list(rej["step"]) == ["outlier"] and len(out) == 14

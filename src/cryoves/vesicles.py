@@ -41,28 +41,28 @@ def _handout(df: pd.DataFrame) -> pd.DataFrame:
     return df.copy(deep=not _COPY_ON_WRITE)
 
 
-def _check_shape(shape: Any) -> tuple[int, int, int] | None:
-    if shape is None:
+def _triple(value: Any, cast: type, what: str) -> tuple | None:
+    """``value`` as three finite numbers (z, y, x) of type ``cast``, None kept; InputError otherwise."""
+    if value is None:
         return None
     try:
-        out = tuple(int(s) for s in shape)
+        out = tuple(cast(v) for v in value)
     except (TypeError, ValueError) as exc:
-        raise InputError(f"grid shape must be three integers (z, y, x), got {shape!r}") from exc
-    if len(out) != 3 or min(out) < 1:
-        raise InputError(f"grid shape must be three positive integers (z, y, x), got {shape!r}")
-    return out  # type: ignore[return-value]
+        raise InputError(f"grid {what} must be three numbers (z, y, x), got {value!r}") from exc
+    if len(out) != 3 or not np.isfinite(out).all() or (cast is int and min(out) < 1):
+        raise InputError(f"grid {what} must be three {'positive integers' if cast is int else 'finite numbers'} "
+                         f"(z, y, x), got {value!r}")
+    return out
+
+
+def _check_shape(shape: Any) -> tuple[int, int, int] | None:
+    return _triple(shape, int, "shape")
 
 
 def _check_origin(origin: Any) -> tuple[float, float, float] | None:
-    if origin is None:
-        return None
-    try:
-        out = tuple(float(o) for o in origin)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"grid origin must be three numbers in Å (z, y, x), got {origin!r}") from exc
-    if len(out) != 3 or not np.isfinite(out).all():
-        raise InputError(f"grid origin must be three finite numbers in Å (z, y, x), got {origin!r}")
-    return out  # type: ignore[return-value]
+    return _triple(origin, float, "origin (Å)")
+
+
 #: Optional per-vesicle columns, filled by later steps (NaN / empty when unknown).
 QC_COLUMNS = {
     "membrane_thickness_nm": float,

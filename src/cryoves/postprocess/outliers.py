@@ -17,7 +17,7 @@ fewer than half of the directions). Unsupported candidates are removed as before
    D^2 so that small tomograms are not over-flagged. Outliers are re-fitted with boxes grown by
    ``regrow_step`` voxels per try (at most ``max_regrow``); those that never pass are flagged when
    supported (a heavy-tailed feature distribution is no reason to lose a well-fitted vesicle) and
-   removed otherwise;
+   removed otherwise, or when already flagged for their profile (two independent doubts);
 4. overlaps: duplicates (a centre inside another sphere with more membrane evidence, see
    :func:`membrane_evidence`) are removed, the remaining intersecting
    spheres shrunk so that no two intersect (pairs from a cKDTree);
@@ -465,7 +465,9 @@ def repair(
         mask = np.zeros(len(df), bool)
         mask[failed] = True
         reasons = np.array([f"Mahalanobis outlier (p = {p:.2g} < {p_threshold:g}){suffix}" for p in fail_p], dtype=object)
-        keep = _supported(df, min_map_confidence, contrast_limit)[failed]
+        # one doubt is flagged for review; a second one (already flagged for its profile) removes it
+        unflagged = (df["flags"].to_numpy(str) == "")
+        keep = (_supported(df, min_map_confidence, contrast_limit) & unflagged)[failed]
         flag = np.zeros(len(df), bool)
         flag[np.asarray(failed, int)[keep]] = True
         _add_flags(df, flag, [f"Mahalanobis outlier (p = {p:.2g})" for p in np.asarray(fail_p, float)[keep]])

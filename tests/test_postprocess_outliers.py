@@ -296,3 +296,12 @@ def test_two_doubts_remove_even_a_supported_fit():
     df.loc[3, "profile_correlation"] = 0.1  # ... with a doubtful profile as well
     out, rej = repair(t.with_df(df), None, min_radius_nm=1.0)
     assert list(rej["step"]) == ["outlier"] and len(out) == 14
+
+
+def test_a_profile_anticorrelated_with_the_population_is_removed_even_when_supported():
+    rng = np.random.default_rng(0)
+    corr = np.clip(rng.normal(0.4, 0.3, 30), -0.3, 1.0)  # noisy tomogram: fence far below 0
+    corr[0] = -0.5
+    t = _supported_table(n=30, profile_correlation=corr)
+    out, rej = repair(t, None, min_radius_nm=1.0, p_threshold=0.0)
+    assert t.df.loc[0, "id"] in set(rej["id"]) and t.df.loc[0, "id"] not in set(out.ids)

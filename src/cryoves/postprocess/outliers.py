@@ -9,7 +9,8 @@ fewer than half of the directions). Unsupported candidates are removed as before
 
 1. profile correlation (Spearman correlation with the median profile) at or below
    ``min_correlation`` or below the population's lower fence (median - 4 robust SD): flagged when
-   supported, removed otherwise (removal only below both limits);
+   supported, removed otherwise (removal only below both limits), and removed at or below 0 in any
+   case;
 2. membrane-contrast filter, relative to the median contrast (objects without a visible membrane);
 3. Mahalanobis test on (radius_nm, membrane_thickness_nm, membrane_density). The p-value is computed
    on D^2 with df = 3 (three features; the original used D instead of D^2, with df = 2): chi2(3)
@@ -425,9 +426,11 @@ def repair(
     fence = _population_fence(corr)
     low = np.isfinite(corr) & ((corr <= min_correlation) | (corr < fence))
     supported = _supported(df, min_map_confidence, contrast_limit)
-    # removal needs both limits: a noisy tomogram (wide spread of correlations) loses fewer candidates
-    remove_at = min(min_correlation, fence) if np.isfinite(fence) else min_correlation
-    bad = low & ~supported & (corr <= remove_at)
+    # removal needs both limits: a noisy tomogram (wide spread of correlations) loses fewer candidates;
+    # but a profile that does not correlate with its population at all (<= 0) is never a vesicle,
+    # supported or not (measured: small noise spots on the HIV-1 VLP tomogram, correlation -0.5)
+    remove_at = min(min_correlation, max(fence, 0.0)) if np.isfinite(fence) else min_correlation
+    bad = low & ((~supported & (corr <= remove_at)) | (corr <= 0.0))
     _add_flags(df, low & ~bad, [f"profile correlation {c:.2f}" for c in corr[low & ~bad]])
     df = _drop(df, bad, "correlation", [f"profile correlation {c:.2f} <= {min_correlation:g}" for c in corr[bad]], rejected)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -24,6 +25,7 @@ HERE = Path(__file__).resolve().parents[1]
 
 def _segment(src: Path, tomo: Path, out: Path) -> tuple[float, dict]:
     env = {**os.environ, "PYTHONPATH": str(src)}
+    shutil.rmtree(out, ignore_errors=True)  # cold: a folder from an earlier run would lend its cached map
     t0 = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "cryoves", "segment", str(tomo), "-o", str(out), "--force"],
                          capture_output=True, text=True, env=env)

@@ -101,11 +101,24 @@ def _try_split(prob_box: np.ndarray, obj: np.ndarray, t0: float, min_piece: int)
     return None
 
 
-def _inscribed_radius(mask: np.ndarray) -> float:
-    """Radius (voxels) of the largest ball inside ``mask``: the maximum of its distance transform."""
+def _distance_inside(mask: np.ndarray, z_scale: float = 1.0) -> np.ndarray:
+    """Distance (voxels, z distances x ``z_scale``) of every voxel of ``mask`` to the nearest voxel
+    outside it; the edge of the array counts as outside."""
     import edt
 
-    return float(edt.edt(np.pad(mask, 1).astype(np.uint8), black_border=True).max()) if mask.any() else 0.0
+    return edt.edt(mask.astype(np.uint8), anisotropy=(z_scale, 1.0, 1.0), black_border=True).astype(np.float64)
+
+
+def _inscribed_radius(mask: np.ndarray) -> float:
+    """Radius (voxels) of the largest ball inside ``mask``."""
+    return float(_distance_inside(mask).max()) if mask.any() else 0.0
+
+
+def _give_fresh_ids(lab_box: np.ndarray, obj: np.ndarray, pieces: np.ndarray, next_id: int) -> np.ndarray:
+    """Write pieces 1..k of ``obj`` into ``lab_box`` (in place) as ids ``next_id`` ...; returns those ids."""
+    new_ids = np.arange(next_id, next_id + int(pieces.max()), dtype=np.uint32)
+    lab_box[obj] = new_ids[pieces[obj] - 1]
+    return new_ids
 
 
 def _elongation(mask: np.ndarray) -> float:
@@ -154,11 +167,9 @@ def _separate(prob, labels, threshold, min_piece, opts) -> int:
             continue
         pieces, th = res
         n_splits += 1
-        k = int(pieces.max())
-        new_ids = np.arange(next_id, next_id + k, dtype=np.uint32)
-        next_id += k
-        lab_box[obj] = new_ids[pieces[obj] - 1]
-        log.debug("split object %d at threshold %.4f into %d pieces", oid, th, k)
+        new_ids = _give_fresh_ids(lab_box, obj, pieces, next_id)
+        next_id += len(new_ids)
+        log.debug("split object %d at threshold %.4f into %d pieces", oid, th, len(new_ids))
         for j, nid in enumerate(new_ids, start=1):
             pm = pieces == j
             idx = np.nonzero(pm)
@@ -178,11 +189,9 @@ def _split_by_shape(obj: np.ndarray, depth: float, min_core: float, z_scale: flo
     higher one and lie at least ``min_core`` voxels deep: touching balls meet at a neck, whatever the
     probability does between them.
     """
-    import edt
     from skimage.morphology import h_maxima
 
-    dist = edt.edt(np.pad(obj, 1).astype(np.uint8), anisotropy=(z_scale, 1.0, 1.0), black_border=True)
-    dist = dist[1:-1, 1:-1, 1:-1].astype(np.float64)
+    dist = _distance_inside(obj, z_scale)
     if dist.max() < min_core + depth:
         return None
     peaks = h_maxima(dist, depth).astype(bool) & (dist >= min_core)
@@ -205,10 +214,7 @@ def _separate_by_shape(labels, min_r_vox, opts) -> int:
         pieces = _split_by_shape(obj, depth, min_core, opts["shape_z_scale"])
         if pieces is None:
             continue
-        k = int(pieces.max())
-        new_ids = np.arange(next_id, next_id + k, dtype=np.uint32)
-        next_id += k
-        lab_box[obj] = new_ids[pieces[obj] - 1]
+        next_id += len(_give_fresh_ids(lab_box, obj, pieces, next_id))
         n += 1
     return n
 

@@ -343,11 +343,10 @@ def _supported(df: pd.DataFrame, min_map_confidence: float, contrast_limit: floa
 
 
 def _add_flags(df: pd.DataFrame, mask: np.ndarray, reasons) -> None:
-    """Append ``reasons`` (one per selected row, or one for all) to the ``flags`` column in place."""
+    """Append ``reasons`` (one per selected row) to the ``flags`` column in place."""
     idx = np.flatnonzero(mask)
     if not len(idx):
         return
-    reasons = [reasons] * len(idx) if isinstance(reasons, str) else list(reasons)
     col = df["flags"].to_numpy(object).copy()
     for i, why in zip(idx, reasons):
         col[i] = f"{col[i]}; {why}" if col[i] else why
@@ -412,9 +411,8 @@ def repair(
             df[c] = np.nan
     rejected: list[pd.DataFrame] = []
 
-    if "flags" not in df.columns:
+    if "flags" not in df.columns:  # the table normalises an existing column to strings
         df["flags"] = ""
-    df["flags"] = df["flags"].fillna("").astype(str)
     contrast_limit = -np.inf
     if "membrane_contrast" in df.columns and min_contrast_fraction > 0 and len(df) >= 3:
         con = df["membrane_contrast"].to_numpy(float)

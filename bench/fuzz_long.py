@@ -10,6 +10,7 @@ crash: the input is saved in the corpus folder as ``crash-*`` and the exit code 
 
     python bench/fuzz_long.py --engine atheris --target all --seconds 600
     python bench/fuzz_long.py --engine mutate --target mrc --seconds 60
+    python bench/fuzz_long.py --engine atheris --target table --seed 7 --runs 5000   # reproducible
 
 Prints one line per target: ``<target>: <N> inputs tried in <S> s, <C> crashes``.
 """
@@ -116,7 +117,7 @@ def run_mutate(target: str, seconds: float, corpus: Path, seed: int) -> tuple[in
 
 
 # ------------------------------------------------------------------------------------ atheris
-def _atheris_child(target: str, seconds: float, corpus: Path) -> None:
+def _atheris_child(target: str, seconds: float, corpus: Path, seed: int, runs: int | None) -> None:
     import atheris
 
     with atheris.instrument_imports(include=["cryoves"]):
@@ -127,15 +128,17 @@ def _atheris_child(target: str, seconds: float, corpus: Path) -> None:
     fn = _target_fn(target)
     for k, s in enumerate(seeds(target)):
         (corpus / f"seed-{k}").write_bytes(s)
-    atheris.Setup([sys.argv[0], f"-max_total_time={int(seconds)}", "-rss_limit_mb=4096", "-print_final_stats=1",
+    bound = [f"-runs={runs}"] if runs else [f"-max_total_time={int(seconds)}"]
+    atheris.Setup([sys.argv[0], *bound, f"-seed={seed}", "-rss_limit_mb=4096", "-print_final_stats=1",
                    f"-artifact_prefix={corpus}/crash-", str(corpus)], fn)
     atheris.Fuzz()
 
 
-def run_atheris(target: str, seconds: float, corpus: Path) -> tuple[int, int]:
+def run_atheris(target: str, seconds: float, corpus: Path, seed: int, runs: int | None = None) -> tuple[int, int]:
     corpus.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, str(HERE), "--atheris-child", "--target", target, "--seconds", str(seconds),
-                           "--corpus", str(corpus)], capture_output=True, text=True, timeout=seconds + 600)
+    cmd = [sys.executable, str(HERE), "--atheris-child", "--target", target, "--seconds", str(seconds),
+           "--corpus", str(corpus), "--seed", str(seed)] + (["--runs", str(runs)] if runs else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 600)
     m = re.search(r"Done (\d+) runs", proc.stderr) or re.search(r"stat::number_of_executed_units:\s*(\d+)", proc.stderr)
     n = int(m.group(1)) if m else 0
     if proc.returncode != 0:
@@ -150,12 +153,14 @@ def main() -> int:
     ap.add_argument("--target", choices=[*TARGETS, "all"], default="all")
     ap.add_argument("--seconds", type=float, default=60.0, help="per target")
     ap.add_argument("--corpus", type=Path, default=None, help="folder for the corpus and crash inputs")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="random seed (atheris: libFuzzer -seed; 0 = from the clock)")
+    ap.add_argument("--runs", type=int, default=None,
+                    help="atheris: stop after this many inputs instead of --seconds (reproducible with a fixed --seed)")
     ap.add_argument("--atheris-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     corpus_root = args.corpus or Path(tempfile.mkdtemp(prefix="cryoves-fuzz-"))
     if args.atheris_child:
-        _atheris_child(args.target, args.seconds, corpus_root)
+        _atheris_child(args.target, args.seconds, corpus_root, args.seed, args.runs)
         return 0
     import logging
     import warnings
@@ -168,7 +173,7 @@ def main() -> int:
         corpus.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         if args.engine == "atheris":
-            n, crashes = run_atheris(target, args.seconds, corpus)
+            n, crashes = run_atheris(target, args.seconds, corpus, args.seed, args.runs)
         else:
             n, crashes = run_mutate(target, args.seconds, corpus, args.seed)
         print(f"{target}: {n} inputs tried in {time.perf_counter() - t0:.0f} s ({args.engine}), {crashes} crashes",

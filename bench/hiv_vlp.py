@@ -6,6 +6,9 @@ membrane of 9 VLPs. We cluster them, fit a sphere to each cluster (least squares
 matching no cluster are listed (some visible VLPs carry no points, so not all are false).
 
     python bench/hiv_vlp.py [--model NAME|PATH] [--vesicle-radius NM] [-o OUTDIR]
+
+By default `segment` runs as a user would, without a size hint (the size search finds the VLPs);
+``--vesicle-radius`` gives the old one-pass run at that scale.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ network saw is lost), for one or more models in the same run.
 
     python bench/segment_accuracy.py                       # both sets, cryoves-default (+ cryovesnet if found)
     python bench/segment_accuracy.py --set hard --model cryovesnet --model path/to/weights.safetensors
+    python bench/segment_accuracy.py --set mixed --variant auto --variant single   # size search vs one scale
 
 Sets (seeds never used to tune defaults):
   easy: 4 synapse-preset tomograms, voxel sizes 14–24 Å, different doses, 38–54 loosely placed SVs.
@@ -15,6 +16,12 @@ Sets (seeds never used to tune defaults):
         the cytosol with 1–3 nm gaps and half the SVs protein-coated, tilt ranges down to ±45°,
         SIRT-like and WBP reconstructions, 14–16 Å voxels without CTF correction (fringes) or phase
         flipped, doses 40–60 e/Å².
+  mixed: 4 synapses with SVs and eight 40–75 nm vesicles (16–28 Å voxels, one coated with a ±50°
+        tilt range) and 2 virus-like-particle tomograms (r 55 ± 6 nm, 24 and 36 Å), scored per
+        population (SVs, large vesicles, VLPs).
+
+Variants: "auto" is the default run (size search over 12–90 nm); "single" is one network pass at
+the model's own scale (``--vesicle-radius`` = the training radius), as before the size search.
 """
 
 from __future__ import annotations
@@ -47,10 +54,20 @@ HARD_SET = [
     (305, "uncorrected", {"shape": (112, 224, 224), "voxel_size_a": 16.0, "dose_e_per_a2": 40.0}),
     (306, "phase-flipped", {"shape": (112, 224, 224), "voxel_size_a": 14.0}),
 ]
+MIXED_SET = [
+    (401, "mixed-sizes", {"voxel_size_a": 22.0}),
+    (402, "mixed-sizes", {"voxel_size_a": 16.0, "shape": (128, 320, 320)}),
+    (403, "mixed-sizes", {"voxel_size_a": 28.0, "shape": (112, 224, 224), "dose_e_per_a2": 60.0}),
+    (404, "mixed-sizes", {"voxel_size_a": 20.0, "shape": (128, 288, 288), "coat_fraction": 0.5,
+                          "tilt_min_deg": -50.0, "tilt_max_deg": 50.0}),
+    (405, "vlp", {}),
+    (406, "vlp", {"voxel_size_a": 24.0, "shape": (128, 224, 224)}),
+]
 SETS = {
     "easy": [(seed, "synapse", {"voxel_size_a": vs, "dose_e_per_a2": dose, "shape": shape})
              for seed, vs, dose, shape in BENCH_SET],
     "hard": HARD_SET,
+    "mixed": MIXED_SET,
 }
 STEPS = ["map", "threshold", "split", "fit", "qc", "final"]
 TARGETS = {"f1_centre": 0.97, "f1_iou50": 0.95, "dice": 0.90, "delta_c_nm_mean": 1.0, "delta_d": 0.04}
@@ -91,6 +108,29 @@ def _radius_errors(res, sim) -> dict[str, float]:
             "membrane_bias_nm": float(np.mean(d_mem)), "membrane_sd_nm": float(np.std(d_mem))}
 
 
+def _per_population(res, sim) -> dict[str, dict[str, float]]:
+    """F1 (centre protocol) and δd per ground-truth population; an unmatched prediction counts
+    against the population whose median radius is nearest its own (log scale)."""
+    from cryoves.evaluate import match_centre
+
+    m = match_centre(res.vesicles, sim.vesicles)
+    g = sim.vesicles.df.set_index("id")
+    p = res.vesicles.df.set_index("id")
+    pops = sorted(g["population"].unique())
+    med = np.array([g.loc[g["population"] == q, "radius_nm"].median() for q in pops])
+    fp_r = p.drop(index=m["pred_id"])["radius_nm"].to_numpy()
+    fp_pop = [pops[int(np.argmin(np.abs(np.log(r / med))))] for r in fp_r]
+    out = {}
+    for q in pops:
+        sel = g.loc[m["gt_id"], "population"].to_numpy() == q
+        tp, n_gt, fp = int(sel.sum()), int((g["population"] == q).sum()), fp_pop.count(q)
+        rp = p.loc[m["pred_id"][sel], "radius_nm"].to_numpy()
+        rg = g.loc[m["gt_id"][sel], "radius_nm"].to_numpy()
+        out[q] = {"n_gt": n_gt, "tp": tp, "fp": fp, "f1_centre": 2 * tp / max(1, 2 * tp + fp + n_gt - tp),
+                  "delta_d": float(np.mean(1 - np.minimum(rp, rg) / np.maximum(rp, rg))) if tp else float("nan")}
+    return out
+
+
 def _stage_dice(res, sim) -> dict[str, float]:
     from cryoves.evaluate import dice, soft_dice
 
@@ -102,19 +142,28 @@ def _stage_dice(res, sim) -> dict[str, float]:
     return out
 
 
-def run(models: list[str], workdir: Path, set_name: str) -> dict:
+def _config(model: str, variant: str):
+    from cryoves.model import model_info
+    from cryoves.pipeline import SegmentConfig
+
+    hint = model_info(model).vesicle_radius_nm if variant == "single" else None
+    return SegmentConfig(model=model, report=False, vesicle_radius_nm=hint)
+
+
+def run(models: list[str], workdir: Path, set_name: str, variants: list[str]) -> dict:
     from cryoves.evaluate import evaluate
     from cryoves.io import write_mrc
-    from cryoves.pipeline import SegmentConfig, segment
+    from cryoves.pipeline import segment
 
-    results: dict[str, list[dict]] = {m: [] for m in models}
+    runs = [(m, v) for m in models for v in variants]
+    results: dict[str, list[dict]] = {_label(m, v): [] for m, v in runs}
     for seed, preset, overrides in SETS[set_name]:
         sim = _simulate(seed, preset, overrides)
         path = workdir / f"{set_name}_{seed}.mrc"
         write_mrc(path, sim.tomogram.asarray(), sim.tomogram.voxel_size)
-        for m in models:
+        for m, variant in runs:
             t0 = time.perf_counter()
-            res = segment(path, None, SegmentConfig(model=m, report=False), keep_stages=True)
+            res = segment(path, None, _config(m, variant), keep_stages=True)
             secs = time.perf_counter() - t0
             ev = evaluate(res.vesicles, sim.vesicles, shape=sim.tomogram.shape, prob=res.probability).metrics
             row = {"seed": seed, "preset": preset, "voxel_size_a": sim.tomogram.voxel_size_a, "seconds": round(secs, 1)}
@@ -123,9 +172,15 @@ def run(models: list[str], workdir: Path, set_name: str) -> dict:
             row.update(_radius_errors(res, sim))
             row["stage_dice"] = _stage_dice(res, sim)
             row["step_recall"] = _step_recall(res, sim)
-            results[m].append(row)
-            print(_fmt_row(m, row), flush=True)
+            row["populations"] = _per_population(res, sim)
+            results[_label(m, variant)].append(row)
+            print(_fmt_row(_label(m, variant), row), flush=True)
     return results
+
+
+def _label(model: str, variant: str) -> str:
+    name = Path(model).stem if os.sep in model else model
+    return name if variant == "auto" else f"{name} [{variant}]"
 
 
 def _fmt_row(model: str, r: dict) -> str:
@@ -136,7 +191,10 @@ def _fmt_row(model: str, r: dict) -> str:
         f"(flagged {r['n_flagged']}) F1c {r['f1_centre']:.3f} F1iou {r['f1_iou50']:.3f} Dice {r['dice']:.3f} "
         f"Δc {r['delta_c_nm_mean']:.2f} nm δd {r['delta_d']:.3f} | radius bias {r['radius_bias_nm']:+.2f} SD "
         f"{r['radius_sd_nm']:.2f} nm, membrane centre {r['membrane_bias_nm']:+.2f} / {r['membrane_sd_nm']:.2f} nm | "
-        f"stage Dice {sd} | recall {rc} | {r['seconds']:.0f} s"
+        f"stage Dice {sd} | recall {rc} | "
+        + " ".join(f"{q}: F1c {v['f1_centre']:.3f} δd {v['delta_d']:.3f} ({v['tp']}/{v['n_gt']}, {v['fp']} FP)"
+                   for q, v in r["populations"].items())
+        + f" | {r['seconds']:.0f} s"
     )
 
 
@@ -160,6 +218,16 @@ def summarise(results: dict, set_name: str) -> str:
             + ("   (all targets met)" if ok else "   (targets NOT all met)")
             + f"; lowest F1c {min(r['f1_centre'] for r in rows):.3f}"
         )
+    lines += ["", f"{set_name} set, per population (counts summed over tomograms; δd mean over tomograms)"]
+    for m, rows in results.items():
+        pops = sorted({q for r in rows for q in r["populations"]})
+        parts = []
+        for q in pops:
+            v = [r["populations"][q] for r in rows if q in r["populations"]]
+            tp, n, fp = (sum(x[k] for x in v) for k in ("tp", "n_gt", "fp"))
+            dd = np.nanmean([x["delta_d"] for x in v])
+            parts.append(f"{q}: F1c {2 * tp / max(1, tp + n + fp):.3f} ({tp}/{n} found, {fp} FP) δd {dd:.3f}")
+        lines.append(f"{m:>16} | " + " | ".join(parts))
     lines += ["", f"{set_name} set, per-step recall (mean): " + " → ".join(STEPS)]
     for m, rows in results.items():
         rec = [float(np.mean([r["step_recall"][k] for r in rows])) for k in STEPS]
@@ -171,7 +239,9 @@ def summarise(results: dict, set_name: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", help="model name or path (repeatable)")
-    ap.add_argument("--set", choices=["easy", "hard", "all"], default="all", help="which benchmark set(s)")
+    ap.add_argument("--set", choices=["easy", "hard", "mixed", "all"], default="all", help="which benchmark set(s)")
+    ap.add_argument("--variant", action="append", choices=["auto", "single"],
+                    help="auto (size search, the default) and/or single (one pass at the model's scale)")
     ap.add_argument("--workdir", default="out/bench_segment")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
@@ -187,8 +257,8 @@ def main() -> None:
         sys.exit("no model available: pass --model")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    sets = ["easy", "hard"] if args.set == "all" else [args.set]
-    results = {name: run(models, workdir, name) for name in sets}
+    sets = ["easy", "hard", "mixed"] if args.set == "all" else [args.set]
+    results = {name: run(models, workdir, name, args.variant or ["auto"]) for name in sets}
     for name in sets:
         print(summarise(results[name], name))
     if args.json:

@@ -106,7 +106,7 @@ def test_segment_with_client_fits_blockwise(client, scene, tmp_path, monkeypatch
     s, _ = scene
     write_mrc(tmp_path / "prob.mrc", s.prob, s.voxel_size)
     tomo = Tomogram(s.intensity, (s.voxel_size,) * 3)
-    cfg = SegmentConfig(from_probability=str(tmp_path / "prob.mrc"), report=False, min_radius_nm=4.0)
+    cfg = SegmentConfig(from_probability=str(tmp_path / "prob.mrc"), report=False, radius_range_nm=(4.0, 90.0))
     calls = []
     real = bw.fit_spheres_blockwise
     monkeypatch.setattr(bw, "fit_spheres_blockwise", lambda *a, **k: calls.append(1) or real(*a, **k))

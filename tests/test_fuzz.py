@@ -159,9 +159,11 @@ def test_fuzz_tables_random_bytes(data):
 # ------------------------------------------------------------------------------------ atheris
 @pytest.mark.parametrize("target", ["mrc", "mod", "table"])
 def test_atheris_bounded_run(target, tmp_path):
+    """A fixed libFuzzer seed and run count, so CI replays the same inputs every time; open-ended
+    (clock-seeded, time-bounded) runs belong to ``bench/fuzz_long.py``."""
     pytest.importorskip("atheris")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "fuzz_long.py"), "--engine", "atheris",
-                           "--target", target, "--seconds", "6", "--corpus", str(tmp_path)],
+                           "--target", target, "--seed", "1", "--runs", "1500", "--corpus", str(tmp_path)],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "inputs tried" in proc.stdout
@@ -193,6 +195,18 @@ def test_star_fuzz_regressions(tmp_path, text, match):
     p = tmp_path / "t.star"
     p.write_text(text)
     with pytest.raises((FormatError, VoxelSizeError), match=match):
+        read_vesicles(p)
+
+
+def test_table_fuzz_regression_id_beyond_int64(tmp_path):
+    """Found by atheris in CI: an id of 70 digits made pandas raise OverflowError (an internal error)."""
+    from cryoves.errors import FormatError
+    from cryoves.io.tables import read_vesicles
+
+    p = tmp_path / "t.csv"
+    p.write_text("id,z,y,x,radius,z_nm,y_nm,x_nm,radius_nm\n" + "16" * 35 + ",2,3,4,2,4.4,6.6,8.8,4.4\n"
+                 "2,4,6,8.5,3,8.8,13.2,18.7,6.6\n")
+    with pytest.raises(FormatError, match="integers below"):
         read_vesicles(p)
 
 

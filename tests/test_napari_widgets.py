@@ -327,3 +327,14 @@ def test_open_review_shows_the_editor(make_napari_viewer, result_dir):
     assert len(editor.session.table) == 4
     assert {"vesicles", "vesicles (spheres)", "auto_tomo"} <= {lyr.name for lyr in viewer.layers}
     assert "Shift+click" in editor.shortcuts_label.text() and "Control-Z" in editor.shortcuts_label.text()
+
+
+def test_segment_widget_config_carries_the_radius_range(make_napari_viewer):
+    from cryoves.napari._widgets import SegmentWidget
+
+    widget = SegmentWidget(make_napari_viewer())
+    assert widget.config().radius_range_nm == (12.0, 90.0)
+    widget.min_radius.setValue(30.0)
+    widget.max_radius.setValue(150.0)
+    cfg = widget.config()
+    assert cfg.radius_range_nm == (30.0, 150.0) and cfg.vesicle_radius_nm is None

@@ -118,11 +118,14 @@ def test_probability_cache_skips_network_on_late_parameter_change(sim_files, tmp
     calls = []
 
     class _Res:
-        def __init__(self, prob):
+        def __init__(self, prob, image=None):
             self.prob = prob
+            self.image = image
             self.info = {"inverted": False}
 
     def fake_predict(tomo, model, **kw):
+        if kw.get("on_model_grid"):  # a coarse level of the size search (not cached): nothing there
+            return _Res(np.zeros((8, 8, 8), np.float32), np.zeros((8, 8, 8), np.float32))
         calls.append(kw)
         return _Res(probability_from_gt(sim.labels))
 
@@ -132,7 +135,7 @@ def test_probability_cache_skips_network_on_late_parameter_change(sim_files, tmp
     out = tmp_path / "seg"
     cfg = SegmentConfig(report=False)
     segment(d / "tomo.mrc", out, cfg, model=model)
-    segment(d / "tomo.mrc", out, SegmentConfig(report=False, min_radius_nm=14.0), model=model, force=True)
+    segment(d / "tomo.mrc", out, SegmentConfig(report=False, radius_range_nm=(14.0, 90.0)), model=model, force=True)
     assert len(calls) == 1
     segment(d / "tomo.mrc", out, SegmentConfig(report=False, tta=2), model=model, force=True)
     assert len(calls) == 2  # a network parameter changed: predicted again

@@ -55,3 +55,16 @@ def test_radial_profile_of_dark_shell_has_minimum_at_membrane():
     vol = -np.exp(-((d - 10) ** 2) / 2)
     r, p = radial_profile(vol, np.array([20.3, 19.8, 20.1]), 16)
     assert abs(r[np.nanargmin(p)] - 10) <= 0.5
+
+
+def test_radius_histogram_goes_log_for_several_populations(tmp_path):
+    import pandas as pd
+
+    from cryoves.report import plot_radius_histogram, radius_bins
+
+    sv, large = np.full(50, 20.0) + np.arange(50) * 0.1, np.full(6, 65.0)
+    edges, log = radius_bins(np.r_[sv, large])
+    assert log and edges[0] < 20 and edges[-1] > 65 and np.allclose(np.diff(np.log(edges)), np.diff(np.log(edges))[0])
+    assert not radius_bins(sv)[1]
+    df = pd.DataFrame({"radius_nm": np.r_[sv, large], "detection_voxel_nm": [2.2] * 50 + [6.6] * 6})
+    assert plot_radius_histogram(df, tmp_path / "h.png").stat().st_size > 1000

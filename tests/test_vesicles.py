@@ -47,6 +47,7 @@ def test_csv_roundtrip_keeps_qc_columns_and_voxel_size(tmp_path):
         (lambda d: d.assign(x=np.nan), 14.0, FormatError, "missing or non-numeric"),
         (lambda d: d.assign(id=1), 14.0, FormatError, "duplicate id"),
         (lambda d: d.assign(id=[0, 1, 2]), 14.0, FormatError, "positive"),
+        (lambda d: d.assign(id=[10**30, 2, 3]), 14.0, FormatError, "integers below 2"),
         (lambda d: d.assign(fit_residual="abc"), 14.0, FormatError, "non-numeric value 'abc'"),
         (lambda d: d.assign(x_nm=d["x_nm"] * 1.5), None, FormatError, "disagree"),
         (lambda d: d.drop(columns=["z_nm", "y_nm", "x_nm", "radius_nm"]), None, VoxelSizeError, "--voxel-size"),

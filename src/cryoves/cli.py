@@ -141,8 +141,8 @@ InvertOpt = Annotated[
 ]
 VesicleRadiusOpt = Annotated[
     Optional[float],
-    typer.Option("--vesicle-radius", help="Expected vesicle radius in nm; rescales so they look like training "
-                 "vesicles (for vesicles far from synaptic-vesicle size)."),
+    typer.Option("--vesicle-radius", help="Size hint, nm: one network pass at the scale where vesicles of this "
+                 "radius look like the training vesicles, instead of the automatic size search."),
 ]
 TtaOpt = Annotated[
     int,
@@ -156,7 +156,12 @@ PrecisionOpt = Annotated[
 TileOpt = Annotated[
     Optional[int], typer.Option("--tile", help="Tile side in model voxels (multiple of 4; default: from memory).")
 ]
-MinRadiusOpt = Annotated[float, typer.Option("--min-radius", help="Smallest vesicle radius kept, nm.")]
+RadiusRangeOpt = Annotated[
+    Optional[tuple[float, float]],
+    typer.Option("--radius-range", metavar="MIN MAX",
+                 help="Vesicle radii searched and kept, nm (default 12 90; with --vesicle-radius 12 to "
+                 "max(90, 2.5 x hint)). Sizes are found automatically within it (docs/sizes.md)."),
+]
 ThresholdOpt = Annotated[
     Optional[float],
     typer.Option("--threshold", help="Fixed global probability threshold (default: searched in the range stored "
@@ -170,6 +175,15 @@ MaskModelOpt = Annotated[
     Optional[Path], typer.Option("--mask-model", help="IMOD model: closed contours outlining the cytoplasm.")
 ]
 AzModelOpt = Annotated[Optional[Path], typer.Option("--az-model", help="IMOD model: open contours along the active zone.")]
+
+
+def _radius_range(value: tuple[float, float] | None) -> tuple[float, float] | None:
+    """--radius-range as given (None when absent), checked before any file is read."""
+    if value is None or all(v is None for v in value):
+        return None
+    from cryoves.postprocess.scales import check_radius_range
+
+    return check_radius_range(value)
 
 
 # --------------------------------------------------------------------------- files: info / convert
@@ -312,7 +326,7 @@ def segment_cmd(
     az_mask: AzMaskOpt = None,
     invert: InvertOpt = None,
     vesicle_radius: VesicleRadiusOpt = None,
-    min_radius: MinRadiusOpt = 12.0,
+    radius_range: RadiusRangeOpt = None,
     threshold: ThresholdOpt = None,
     from_probability: Annotated[Optional[Path], typer.Option("--from-probability", help="Start after the network from this probability map (tomogram grid); the model and inversion come from the MAP.json 'cryoves predict' wrote beside it.")] = None,
     tta: TtaOpt = 1,
@@ -335,7 +349,7 @@ def segment_cmd(
         az_mask=str(az_mask) if az_mask else None,
         invert=invert,
         vesicle_radius_nm=vesicle_radius,
-        min_radius_nm=min_radius,
+        radius_range_nm=_radius_range(radius_range),
         threshold=threshold,
         from_probability=str(from_probability) if from_probability else None,
         tta=tta,
@@ -359,7 +373,7 @@ def segment_cmd(
 @app.command("simulate")
 def simulate_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (created).")],
-    preset: Annotated[str, typer.Option("--preset", help="synapse, small, large-vesicles, dense-core, dense-pool, uncorrected or phase-flipped.")] = "synapse",
+    preset: Annotated[str, typer.Option("--preset", help="synapse, small, large-vesicles, dense-core, dense-pool, uncorrected, phase-flipped, mixed-sizes or vlp.")] = "synapse",
     randomize: Annotated[bool, typer.Option("--randomize", help="Draw all settings from broad ranges (seeded).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same tomogram.")] = 0,
     shape: Annotated[
@@ -410,7 +424,7 @@ def batch_cmd(
     voxel_size: VoxelSizeOpt = None,
     invert: InvertOpt = None,
     vesicle_radius: VesicleRadiusOpt = None,
-    min_radius: MinRadiusOpt = 12.0,
+    radius_range: RadiusRangeOpt = None,
     threshold: ThresholdOpt = None,
     tta: TtaOpt = 1,
     device: DeviceOpt = "auto",
@@ -426,7 +440,7 @@ def batch_cmd(
     from cryoves.pipeline import SegmentConfig
 
     cfg = SegmentConfig(model=model, voxel_size=voxel_size, invert=invert, vesicle_radius_nm=vesicle_radius,
-                        min_radius_nm=min_radius, threshold=threshold, tta=tta, device=device, precision=precision,
+                        radius_range_nm=_radius_range(radius_range), threshold=threshold, tta=tta, device=device, precision=precision,
                         tile=tile)
     summary = run_batch(inputs, output, cfg, scheduler=scheduler, slurm=slurm, n_workers=workers, force=force)
     table = Table(title=f"cryoves batch -> {output / SUMMARY_NAME}")

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,9 @@ from cryoves.results import (
 )
 from cryoves.vesicles import RejectedTable, VesicleTable
 
+if TYPE_CHECKING:
+    from cryoves.postprocess.scales import Level
+
 log = logging.getLogger(__name__)
 
 
@@ -54,8 +57,12 @@ class SegmentConfig:
     invert: bool | None = None
     """Force (True) or forbid (False) contrast inversion; None detects it."""
     vesicle_radius_nm: float | None = None
-    """Expected vesicle radius; resamples so vesicles look like the training vesicles."""
-    min_radius_nm: float = 12.0
+    """Size hint (nm): one network pass on a grid where vesicles of this radius look like the
+    training vesicles, instead of the size search."""
+    radius_range_nm: tuple[float, float] | None = None
+    """Vesicle radii (min, max) in nm searched and kept; None = 12-90 nm (with a size hint: 12 nm to
+    max(90, 2.5 x hint)). The pyramid of network grids is chosen to cover it
+    (:mod:`cryoves.postprocess.scales`)."""
     threshold: float | None = None
     """Fixed global threshold; None searches ``threshold_range``."""
     threshold_range: tuple[float, float, float] | None = None
@@ -199,9 +206,12 @@ def _read_mask(path: str) -> np.ndarray:
 
 
 def _probability(
-    tomo: Tomogram, cfg: SegmentConfig, outdir: Path | None, input_sha: str, model: Any, backend: Backend
+    tomo: Tomogram, cfg: SegmentConfig, outdir: Path | None, input_sha: str, model: Any, backend: Backend,
+    radius_nm: float | None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Network probability on the tomogram grid, reused from ``outdir`` when the cache key matches."""
+    """Network probability on the tomogram grid (the finest pyramid level, where vesicles of
+    ``radius_nm`` look like the training vesicles; None = the model's own scale), reused from
+    ``outdir`` when the cache key matches."""
     if cfg.from_probability:
         p = read_tomogram(cfg.from_probability, voxel_size=tomo.voxel_size_a, validate=True)
         if p.shape != tomo.shape:
@@ -225,7 +235,7 @@ def _probability(
             "model": getattr(model.info, "sha256", None) or cfg.model,
             "voxel_size": tomo.voxel_size,
             "invert": cfg.invert,
-            "radius": cfg.vesicle_radius_nm,
+            "radius": radius_nm,
             "tta": cfg.tta,
             "precision": cfg.precision,
             **({"tile": cfg.tile} if cfg.tile is not None else {}),  # keys of earlier runs stay valid
@@ -244,7 +254,7 @@ def _probability(
         device=cfg.device,
         tta=cfg.tta,
         invert=cfg.invert,
-        vesicle_radius_nm=cfg.vesicle_radius_nm,
+        vesicle_radius_nm=radius_nm,
         precision=cfg.precision,
         tile=cfg.tile,
     )
@@ -350,9 +360,10 @@ def _segment(
     model: Any,
     backend: Backend,
 ) -> SegmentResult:
-    from cryoves.postprocess.adaptive import label_vesicles, rejoin_duplicate_pieces
+    from cryoves.model import model_info
     from cryoves.postprocess.masks import restrict_probability, vesicles_in_region
     from cryoves.postprocess.outliers import map_confidence, repair
+    from cryoves.postprocess.scales import in_band, merge_levels, plan_levels
     from cryoves.postprocess.threshold import global_threshold
 
     cfg = config or SegmentConfig()
@@ -372,7 +383,13 @@ def _segment(
         else steps.run("checksum", 0.02, _array_sha256, np.asarray(tomo.data))
     )
     cyto, az = steps.run("masks", 0.04, _region_masks, cfg, tomo.shape)
-    prob, pred_info = steps.run("predict", 0.05, _probability, tomo, cfg, out, input_sha, model, backend)
+    minfo = model_info(model if model is not None else cfg.model)
+    levels = plan_levels(vs, minfo.voxel_size_a, minfo.vesicle_radius_nm, cfg.radius_range_nm, cfg.vesicle_radius_nm)
+    if cfg.from_probability:
+        levels = levels[:1]  # only the given map
+    finest = levels[0].vesicle_radius_nm
+    finest_hint = None if cfg.vesicle_radius_nm is None and abs(finest - minfo.vesicle_radius_nm) < 1e-9 else finest
+    prob, pred_info = steps.run("predict", 0.05, _probability, tomo, cfg, out, input_sha, model, backend, finest_hint)
 
     intensity = tomo.asarray(np.float32)
     if pred_info.get("inverted"):
@@ -394,41 +411,39 @@ def _segment(
         import cc3d
 
         stage_labels["global_threshold"] = cc3d.connected_components(prob > threshold, connectivity=6)
-    labels, rej_adaptive = steps.run(
-        "adaptive", 0.7, label_vesicles, prob, threshold, vs, min_radius_nm=cfg.min_radius_nm
+    labels, spheres, rej_adaptive, rej_fit = _objects(
+        steps.run, prob, threshold, intensity, vs, levels[0].min_radius_nm, backend.fit_spheres,
+        stage_labels if keep_stages else None,
     )
-    if keep_stages:
-        stage_labels["adaptive"] = labels.copy()
-    spheres, rej_fit = steps.run("spheres", 0.8, backend.fit_spheres, intensity, labels, vs)
-    joined, new_ids = rejoin_duplicate_pieces(labels, spheres.ids, spheres.centres, spheres.radii)
-    if new_ids:
-        # refit with the whole objects in place of their pieces (measured: better than letting the
-        # pieces' fits compete with the whole object's, which loses vesicles cut by the volume border)
-        labels = joined
-        spheres, rej_fit = steps.run("refit", 0.85, backend.fit_spheres, intensity, labels, vs)
+    spheres, rej_band = in_band(spheres, levels[0])
     spheres = spheres.with_df(spheres.df.assign(map_confidence=map_confidence(prob, spheres.centres, spheres.radii)))
     stage_tables: dict[str, VesicleTable] = {}
     if keep_stages:
         stage_labels["spheres"] = spheres.to_labels(tomo.shape)
         stage_tables["spheres"] = spheres
-    vesicles, rej_repair = steps.run(
-        "outliers",
-        0.9,
-        repair,
-        spheres,
-        intensity,
-        min_radius_nm=cfg.min_radius_nm,
-        p_threshold=cfg.max_mahalanobis_p,
-        min_correlation=cfg.min_profile_correlation,
-    )
+    qc = functools.partial(repair, p_threshold=cfg.max_mahalanobis_p, min_correlation=cfg.min_profile_correlation)
+    vesicles, rej_repair = steps.run("outliers", 0.9, qc, spheres, intensity, min_radius_nm=levels[0].min_radius_nm)
     if keep_stages:
         stage_tables["outliers"] = vesicles
-    rej_region = None
+    per_level, rejected_parts = [vesicles], [rej_adaptive, rej_fit, rej_band, rej_repair]
+    if len(levels) > 1:
+        coarse = functools.partial(_coarse_level, tomo=tomo, model=model, cfg=cfg, intensity=intensity, cyto=cyto,
+                                   inverted=bool(pred_info.get("inverted")), thresholds=_threshold_candidates(cfg, model, pred_info),
+                                   qc=qc)
+        for k, lvl in enumerate(levels[1:], start=1):
+            found = pd.concat([t.df for t in per_level], ignore_index=True)
+            known = per_level[0].with_df(found.assign(id=np.arange(1, len(found) + 1)))
+            table, rej, lvl_info = steps.run(f"level_{k}", 0.9, coarse, lvl, known=known)
+            per_level.append(table)
+            rejected_parts += rej
+            pred_info.setdefault("coarse_levels", []).append(lvl_info)
+    pred_info["levels"] = [lvl.to_dict() for lvl in levels]
+    vesicles, rej_merge = steps.run("merge_levels", 0.92, merge_levels, per_level, levels)
+    rejected_parts.append(rej_merge)
     if cyto is not None:
         vesicles, rej_region = steps.run("region", 0.93, vesicles_in_region, vesicles, cyto)
-    vesicles, rejected = _final_ids(
-        vesicles.with_grid(tomo.shape, tomo.origin), _rejected_frame(rej_adaptive, rej_fit, rej_repair, rej_region)
-    )
+        rejected_parts.append(rej_region)
+    vesicles, rejected = _final_ids(vesicles.with_grid(tomo.shape, tomo.origin), _rejected_frame(*rejected_parts))
     final_labels = steps.run("render", 0.95, vesicles.to_labels)
 
     manifest = segment_manifest(
@@ -459,6 +474,77 @@ def _segment(
         if cfg.report and tomo.path is not None:
             steps.run("report", 0.99, _write_report, out)
     return SegmentResult(vesicles, rejected, prob, final_labels, manifest, out, stage_labels, stage_tables)
+
+
+def _objects(
+    run: Callable[..., Any], prob: np.ndarray, threshold: float, intensity: np.ndarray, vs: float, min_radius_nm: float,
+    fit: Callable[..., Any], stage_labels: dict[str, np.ndarray] | None = None,
+    select: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, VesicleTable, pd.DataFrame, pd.DataFrame]:
+    """Map → objects → spheres: adaptive labelling, sphere fits, pieces of one vesicle rejoined and
+    refitted (``select`` may drop objects before fitting). Returns (labels, spheres, rejected by
+    labelling, rejected by fitting)."""
+    from cryoves.postprocess.adaptive import label_vesicles, rejoin_duplicate_pieces
+
+    labels, rej_adaptive = run("adaptive", 0.7, label_vesicles, prob, threshold, vs, min_radius_nm=min_radius_nm)
+    if select is not None:
+        labels = select(labels)
+    if stage_labels is not None:
+        stage_labels["adaptive"] = labels.copy()
+    spheres, rej_fit = run("spheres", 0.8, fit, intensity, labels, vs)
+    joined, new_ids = rejoin_duplicate_pieces(labels, spheres.ids, spheres.centres, spheres.radii)
+    if new_ids:
+        # refit with the whole objects in place of their pieces (measured: better than letting the
+        # pieces' fits compete with the whole object's, which loses vesicles cut by the volume border)
+        labels = joined
+        spheres, rej_fit = run("refit", 0.85, fit, intensity, labels, vs)
+    return labels, spheres, rej_adaptive, rej_fit
+
+
+def _call(_name: str, _fraction: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
+def _coarse_level(
+    lvl: Level, *, tomo: Tomogram, model: Any, cfg: SegmentConfig, intensity: np.ndarray, cyto: np.ndarray | None,
+    inverted: bool, thresholds: np.ndarray, qc: Callable[..., Any], known: VesicleTable,
+) -> tuple[VesicleTable, list[pd.DataFrame], dict[str, Any]]:
+    """The vesicles of one coarse pyramid level, fitted on the tomogram at its own voxel size."""
+    from cryoves.model import load_model
+    from cryoves.postprocess.outliers import map_confidence
+    from cryoves.postprocess.scales import coarse_candidates, coarse_objects, in_band
+    from cryoves.postprocess.spheres import fit_spheres, fit_spheres_at
+    from cryoves.postprocess.threshold import global_threshold
+    from cryoves.predict import predict_tomogram
+
+    t0 = time.perf_counter()
+    model = model if model is not None else load_model(cfg.model)
+    res = predict_tomogram(tomo, model, device=cfg.device, tta=cfg.tta, invert=inverted, precision=cfg.precision,
+                           vesicle_radius_nm=lvl.vesicle_radius_nm, on_model_grid=True, progress=False)
+    prob = res.prob
+    if cyto is not None:
+        from cryoves.postprocess.masks import restrict_probability
+        from cryoves.preprocess import resample
+
+        prob = restrict_probability(prob, resample(cyto.astype(np.float32), prob.shape, order=1) > 0.5)
+    vs = tomo.voxel_size_a
+    th = float(global_threshold(prob, res.image, thresholds).threshold)
+    select = functools.partial(coarse_objects, lvl=lvl, tomogram_shape=tomo.shape, voxel_size_a=vs, known=known)
+    _, fitted, _, _ = _objects(_call, prob, th, res.image, lvl.grid_voxel_a, lvl.min_radius_nm, fit_spheres,
+                               select=select)
+    ids, centres, radii = coarse_candidates(fitted, lvl, prob.shape, tomo.shape, vs, known)
+    conf = map_confidence(prob, fitted.centres, fitted.radii)[np.isin(fitted.ids, ids)]
+    table, rej_fit = fit_spheres_at(intensity, centres, radii, vs)
+    table = table.with_df(table.df.assign(map_confidence=conf[table.ids - 1]))
+    table, rej_band = in_band(table, lvl)
+    # a coarse level's few vesicles are no reference for "a visible membrane": the finest level's are
+    con = known.df["membrane_contrast"].to_numpy(float) if "membrane_contrast" in known.df.columns else []
+    ref = float(np.nanmedian(con)) if np.isfinite(con).sum() >= 3 else None
+    table, rej_qc = qc(table, intensity, min_radius_nm=lvl.min_radius_nm, contrast_reference=ref)
+    info = {**lvl.to_dict(), "threshold": th, "grid_shape": list(prob.shape), "candidates": len(fitted),
+            "new": len(centres),
+            "vesicles": len(table), "seconds": round(time.perf_counter() - t0, 3)}
+    return table, [rej_fit, rej_band, rej_qc], info
 
 
 def _threshold_candidates(cfg: SegmentConfig, model: Any, pred_info: dict[str, Any]) -> np.ndarray:

@@ -72,6 +72,8 @@ class PredictionResult:
 
     prob: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
+    image: np.ndarray | None = None
+    """With ``on_model_grid``: the network input (normalised, dense = dark) on the model grid."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,6 +486,7 @@ def predict_tomogram(
     out: str | os.PathLike | None = None,
     force: bool = False,
     progress: bool = True,
+    on_model_grid: bool = False,
 ) -> PredictionResult:
     """Vesicle probability map of a tomogram, on the tomogram's own grid (z, y, x), in [0, 1].
 
@@ -494,12 +497,16 @@ def predict_tomogram(
     with voxel size and origin, or ``.npy``) the map is written atomically (an existing file is
     kept unless ``force``) and returned as a read-only memory map; every full-size intermediate
     is then a temporary memory map beside it, so tomograms larger than RAM work.
+    With ``on_model_grid`` the map stays on the model grid (not resampled back; ``out`` not
+    allowed) and the result also holds the network input (``image``), e.g. for a coarse search.
     """
     from cryoves.atomic import check_file_output, make_dir
     from cryoves.preprocess import _target_shape, model_grid_scale
 
     t0 = time.perf_counter()
     out_path = Path(out) if out is not None else None
+    if on_model_grid and out_path is not None:
+        raise ParameterError("a map kept on the model grid cannot be written to a file; drop out= or on_model_grid")
     if out_path is not None:
         check_file_output(out_path, force=force)
         make_dir(out_path.parent)
@@ -516,11 +523,13 @@ def predict_tomogram(
     with contextlib.ExitStack() as stack:
         grid = stack.enter_context(_scratch(scratch_dir, mshape))
         grid, prepared = prepare_input(tomo, info, invert=invert, vesicle_radius_nm=vesicle_radius_nm, out=grid)
-        if out_path is not None:
+        if on_model_grid:
+            final = np.empty(mshape, np.float32)
+        elif out_path is not None:
             final = stack.enter_context(_output_array(out_path, tomo))
         else:
             final = np.empty(tomo.shape, np.float32)
-        same_grid = tuple(mshape) == tomo.shape
+        same_grid = tuple(mshape) == tuple(final.shape)
         prob_m = final if same_grid else stack.enter_context(_scratch(scratch_dir, mshape))
         fused = prepare_network(loaded.net, dev, prec)
         predict_array(fused, grid, device=dev, tile=tile, batch_size=batch_size, precision=prec,
@@ -536,7 +545,7 @@ def predict_tomogram(
         **prepared, model_grid_shape=list(mshape), tta=int(tta), precision=prec, device=str(dev),
         vesicle_radius_nm=vesicle_radius_nm, **stats, seconds=round(time.perf_counter() - t0, 3),
     )
-    return PredictionResult(prob=final, info=meta)
+    return PredictionResult(prob=final, info=meta, image=np.asarray(grid) if on_model_grid else None)
 
 
 def predict_file(

@@ -159,15 +159,51 @@ def plot_gallery(volume: np.ndarray, vesicles: pd.DataFrame, path: Path, n: int 
     return _save(fig, path)
 
 
+def _levels_table(manifest: dict, vesicles: pd.DataFrame) -> pd.DataFrame:
+    """The pyramid levels of the run (from the manifest) and the vesicles kept from each."""
+    from cryoves.postprocess.scales import LEVEL_COLUMN
+
+    rows = []
+    for lv in manifest.get("prediction", {}).get("levels", []):
+        grid_nm = round(lv["grid_voxel_a"] / 10.0, 3)
+        n = int((vesicles[LEVEL_COLUMN].round(3) == grid_nm).sum()) if LEVEL_COLUMN in vesicles.columns else 0
+        rows.append({"grid voxel (nm)": grid_nm, "looks for radius (nm)": round(lv["vesicle_radius_nm"], 1),
+                     "keeps radii (nm)": f"{lv['min_radius_nm']:.1f}-{lv['max_radius_nm']:.1f}", "vesicles": n})
+    return pd.DataFrame(rows)
+
+
+def radius_bins(r: np.ndarray, n: int | None = None) -> tuple[np.ndarray, bool]:
+    """Histogram bin edges for radii (nm): logarithmic when they span more than 3x (several
+    populations), else linear. Returns (edges, log)."""
+    r = np.asarray(r, float)
+    n = n or min(40, max(5, len(r) // 4))
+    lo, hi = float(r.min()), float(r.max())
+    if hi > 3 * lo:
+        return np.geomspace(lo * 0.95, hi * 1.05, n + 1), True
+    return np.linspace(lo - 0.5, hi + 0.5, n + 1), False
+
+
 def plot_radius_histogram(vesicles: pd.DataFrame, path: Path) -> Path:
+    """Radius histogram, one colour per population (the pyramid level a vesicle was found on)."""
+    from cryoves.postprocess.scales import LEVEL_COLUMN
+
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     r = vesicles["radius_nm"].to_numpy()
+    log = False
     if len(r):
-        ax.hist(r, bins=min(40, max(5, len(r) // 4)), color="#3a7bd5")
+        bins, log = radius_bins(r)
+        if LEVEL_COLUMN in vesicles.columns and vesicles[LEVEL_COLUMN].nunique() > 1:
+            groups = sorted(vesicles.groupby(LEVEL_COLUMN)["radius_nm"])
+            ax.hist([g.to_numpy() for _, g in groups], bins=bins, stacked=True,
+                    label=[f"{lvl:g} nm grid: n={len(g)}, median {g.median():.1f} nm" for lvl, g in groups])
+        else:
+            ax.hist(r, bins=bins, color="#3a7bd5")
         ax.axvline(np.median(r), color="k", ls="--", lw=1, label=f"median {np.median(r):.1f} nm")
-        ax.legend()
-    ax.set_xlabel("outer radius (nm)")
+        ax.legend(fontsize=7)
+        if log:
+            ax.set_xscale("log")
+    ax.set_xlabel("outer radius (nm)" + (", log scale" if log else ""))
     ax.set_ylabel("vesicles")
     ax.set_title(f"radius distribution (n = {len(r)})")
     return _save(fig, path)
@@ -304,7 +340,8 @@ def make_report(
 <section><h2>Slices</h2>{_img_tag(figs[0][0], figs[0][1])}</section>
 {eval_html}
 <section><h2>Worst-scored vesicles</h2>{_img_tag(figs[1][0], figs[1][1])}</section>
-<section><h2>Radius and outlier features</h2>{_img_tag(figs[2][0], figs[2][1])}{_img_tag(figs[3][0], figs[3][1])}</section>
+<section><h2>Radius and outlier features</h2>{_img_tag(figs[2][0], figs[2][1])}{_img_tag(figs[3][0], figs[3][1])}
+<h3>Size search (network grids)</h3>{_table_html(_levels_table(manifest, df))}</section>
 {analysis_html}
 <section><h2>Rejected candidates ({len(rejected)})</h2>{_table_html(reasons)}<details><summary>all rejected candidates</summary>{_table_html(rejected)}</details></section>
 <section><h2>Timings</h2>{_table_html(timings)}</section>

@@ -73,6 +73,7 @@ QC_COLUMNS = {
     "mahalanobis": float,
     "p_value": float,
     "map_confidence": float,  # mean network probability inside 0.7 x radius
+    "detection_voxel_nm": float,  # voxel of the network grid (size-search level) that found it
     "source": str,  # "auto" | "manual" | "ground_truth" | ...
     "flags": str,  # QC doubts, ";"-separated (empty: none); flagged vesicles are reviewed first
 }
@@ -187,8 +188,8 @@ class VesicleTable:
             df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
         try:
             df["id"] = df["id"].astype(np.int64)
-        except (ValueError, TypeError) as exc:
-            raise FormatError(f"vesicle ids must be integers: {exc}; fix the id column or drop it") from exc
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise FormatError(f"vesicle ids must be integers below 2**63: {exc}; fix the id column or drop it") from exc
         for c, kind in QC_COLUMNS.items():
             if c in df.columns and kind is float:
                 num = pd.to_numeric(df[c], errors="coerce")

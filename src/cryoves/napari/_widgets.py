@@ -523,6 +523,8 @@ class SegmentWidget(QWidget):
         self.radius.setSuffix(" nm")
         self.min_radius = QDoubleSpinBox(decimals=1, minimum=0.0, maximum=200.0, value=12.0)
         self.min_radius.setSuffix(" nm")
+        self.max_radius = QDoubleSpinBox(decimals=1, minimum=1.0, maximum=5000.0, value=90.0)
+        self.max_radius.setSuffix(" nm")
         self.tta = QSpinBox(minimum=1, maximum=16, value=1)
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda"])
@@ -535,6 +537,7 @@ class SegmentWidget(QWidget):
             ("voxel size", self.voxel_size),
             ("vesicle radius", self.radius),
             ("min radius", self.min_radius),
+            ("max radius", self.max_radius),
             ("test-time augmentation", self.tta),
             ("device", self.device),
             ("model", self.model),
@@ -596,7 +599,7 @@ class SegmentWidget(QWidget):
         return SegmentConfig(
             model=self.model.text() or DEFAULT_MODEL,
             vesicle_radius_nm=self.radius.value() or None,
-            min_radius_nm=self.min_radius.value(),
+            radius_range_nm=(self.min_radius.value(), self.max_radius.value()),
             tta=self.tta.value(),
             device=self.device.currentText(),
         )

@@ -379,6 +379,7 @@ def repair(
     resolve_overlap: bool = True,
     min_radius_nm: float = 12.0,
     fit_options: FitOptions | None = None,
+    contrast_reference: float | None = None,
 ) -> tuple[VesicleTable, pd.DataFrame]:
     """Remove or repair outlier spheres; returns (VesicleTable, rejected table).
 
@@ -389,7 +390,8 @@ def repair(
     ``map_confidence`` column nothing is supported. Vesicles with profile correlation <=
     ``min_correlation`` (and below the population's fence) are removed, and (with 3 or more vesicles) those whose
     membrane_contrast is below ``min_contrast_fraction`` x the median (objects without a visible
-    membrane: the other features of such fits are meaningless); with ``min_coverage`` > 0, those whose
+    membrane: the other features of such fits are meaningless; ``contrast_reference`` replaces the
+    median, e.g. the median of the tomogram's other vesicles for a small population); with ``min_coverage`` > 0, those whose
     membrane is seen in fewer directions (membrane_coverage; off by default: on the simulator the
     lowest true vesicles overlapped the false positives of a real network); a vesicle is a Mahalanobis outlier when
     p < ``p_threshold`` (default 1e-4, i.e. D^2 > 21 for large N; the original cut D >= 4 is p ~ 0.001,
@@ -414,9 +416,10 @@ def repair(
     if "flags" not in df.columns:  # the table normalises an existing column to strings
         df["flags"] = ""
     contrast_limit = -np.inf
-    if "membrane_contrast" in df.columns and min_contrast_fraction > 0 and len(df) >= 3:
+    if "membrane_contrast" in df.columns and min_contrast_fraction > 0 and (len(df) >= 3 or contrast_reference):
         con = df["membrane_contrast"].to_numpy(float)
         ref = float(np.nanmedian(con)) if np.isfinite(con).any() else np.nan
+        ref = contrast_reference if contrast_reference else ref
         if np.isfinite(ref) and ref > 0:
             contrast_limit = min_contrast_fraction * ref
 

@@ -401,6 +401,8 @@ def _cc_shift(
     vesicle's own membrane (neighbours, other membranes) do not pull the centre.
     """
     good = np.isfinite(p)
+    if good.sum() < 2:
+        raise FitFailure("no radial profile around the centre (box outside the data)")
     a = np.interp(geo.d, r[good], p[good])
     sel = (geo.w_cc > 0) & (geo.d <= window)
     if sel.sum() < 10:
@@ -435,6 +437,8 @@ def _gn_shift(box: np.ndarray, geo: _Geometry, r: np.ndarray, p: np.ndarray, win
     to within half a voxel.
     """
     good = np.isfinite(p)
+    if good.sum() < 2:
+        raise FitFailure("no radial profile around the centre (box outside the data)")
     ps = gaussian_filter1d(np.interp(r, r[good], p[good]), 1.0, mode="nearest")
     dp = np.gradient(ps, r[1] - r[0])
     sel = (geo.w_cc > 0) & (geo.d <= window) & (geo.d > 0.5)
@@ -645,13 +649,16 @@ def initial_spheres(
     objects close enough to matter (None without ``mask_neighbours``). Used by :func:`fit_spheres`;
     public so that block-wise fitting can start from exactly the same values.
     """
-    opts = options or FitOptions()
     st = cc3d.statistics(np.ascontiguousarray(labels))
     items = [
         (i, np.asarray(st["centroids"][i], float), max(2.0, 0.5 * max(s.stop - s.start for s in bb)))
         for i, (n, bb) in enumerate(zip(st["voxel_counts"], st["bounding_boxes"]))
         if i > 0 and n > 0 and bb is not None
     ]
+    return _with_neighbours(items, options or FitOptions(), mask_neighbours)
+
+
+def _with_neighbours(items: list[tuple[int, np.ndarray, float]], opts: FitOptions, mask_neighbours: bool):
     if not items:
         return []
     cen_all = np.array([c for _, c, _ in items])
@@ -713,7 +720,32 @@ def fit_spheres(
     check_same_shape(intensity, labels, "tomogram", "labels")
     vs = check_voxel_size(voxel_size_a)
     opts = _with_voxel_size(options or FitOptions(**kwargs), vs)
-    items = initial_spheres(labels, opts, mask_neighbours)
+    return _fit_items(intensity, initial_spheres(labels, opts, mask_neighbours), vs, opts, progress)
+
+
+def fit_spheres_at(
+    intensity: np.ndarray,
+    centres: np.ndarray,
+    radii: np.ndarray,
+    voxel_size_a: float,
+    *,
+    ids: np.ndarray | None = None,
+    options: FitOptions | None = None,
+    mask_neighbours: bool = True,
+) -> tuple[VesicleTable, pd.DataFrame]:
+    """As :func:`fit_spheres`, starting from given spheres (centres (N, 3) z, y, x and radii, voxels
+    of ``intensity``) instead of labelled objects, e.g. objects found on a coarser grid."""
+    intensity = check_volume(intensity, "tomogram")
+    vs = check_voxel_size(voxel_size_a)
+    opts = _with_voxel_size(options or FitOptions(), vs)
+    centres = np.asarray(centres, float).reshape(-1, 3)
+    radii = np.maximum(2.0, np.asarray(radii, float).reshape(-1))
+    ids = np.arange(1, len(radii) + 1) if ids is None else np.asarray(ids)
+    items = [(int(i), c, float(r)) for i, c, r in zip(ids, centres, radii)]
+    return _fit_items(intensity, _with_neighbours(items, opts, mask_neighbours), vs, opts, False)
+
+
+def _fit_items(intensity: np.ndarray, items: list, vs: float, opts: FitOptions, progress: bool):
     ids, fits, rejected = [], [], []
     if progress:
         from tqdm import tqdm

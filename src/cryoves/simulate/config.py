@@ -307,6 +307,10 @@ class SimulationConfig:
         (contrast reversed beyond the first CTF zero, kept by a 0.45 radial cutoff), 50 e/Å²,
         half the SVs coated, a dense-ish pool (16 %, 1.5–5 nm gaps). "phase-flipped": the same
         with ``ctf_correction="phase-flip"``.
+        Sizes: "mixed-sizes": 128×256×256 at 22 Å, SVs plus eight 40–75 nm vesicles, no
+        endosomes (single-sphere endosomes are large vesicles missing from the ground truth).
+        "vlp": 96×160×160 at 36 Å, no synapse, 14 virus-like particles (r 55 ± 6 nm, 6 nm
+        membrane, dense lumen).
         """
         if name not in PRESETS:
             raise ParameterError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
@@ -365,6 +369,25 @@ PRESETS["uncorrected"] = {
     "coat_density_per_100nm2": 3.0,
 }
 PRESETS["phase-flipped"] = {**PRESETS["uncorrected"], "ctf_correction": "phase-flip"}
+# SVs and 40-75 nm vesicles in one synapse (the size search must find both populations). No
+# endosomes: a third of them are single membrane spheres of 25-100 nm, i.e. large vesicles that
+# the ground truth does not list
+PRESETS["mixed-sizes"] = {
+    "shape": (128, 256, 256),
+    "populations": (VesiclePopulation("large", 8, 57.0, 9.0),),
+    "n_endosomes": 0,
+}
+# virus-like particles only: 90-130 nm across, dense lumen
+PRESETS["vlp"] = {
+    "shape": (96, 160, 160),
+    "voxel_size_a": 36.0,
+    "n_vesicles": 0,
+    "plasma_membrane": False,
+    "postsynaptic": False,
+    "mitochondrion": False,
+    "n_endosomes": 0,
+    "populations": (VesiclePopulation("vlp", 14, 55.0, 6.0, membrane_thickness_nm=6.0, lumen_excess_v=0.3),),
+}
 
 
 def randomize_config(rng_or_seed: Any = None, shape: tuple[int, int, int] | None = None) -> SimulationConfig:

@@ -2,8 +2,9 @@
 
 Steps: read + validate → region masks → probability map (network, cached by content) → global
 threshold (range stored with the model) → labelling with adaptive local thresholds → sphere fitting
-(touching pieces whose spheres fit one vesicle are rejoined and refitted) → outlier repair and region
-filter → outputs. Every removal is recorded in the rejected table; ``manifest.json`` is written
+(touching pieces whose spheres fit one vesicle are rejoined and refitted) → outlier repair → the
+same on each coarser level of the size search, fitted on the tomogram (``postprocess.scales``) →
+merge across levels → region filter → outputs. Every removal is recorded in the rejected table; ``manifest.json`` is written
 last so a folder without it is never mistaken for a complete result.
 """
 

@@ -202,7 +202,12 @@ def plot_radius_histogram(vesicles: pd.DataFrame, path: Path) -> Path:
         ax.axvline(np.median(r), color="k", ls="--", lw=1, label=f"median {np.median(r):.1f} nm")
         ax.legend(fontsize=7)
         if log:
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ticks = [t for t in (5, 10, 15, 20, 30, 40, 60, 80, 100, 150, 200, 300, 500) if bins[0] <= t <= bins[-1]]
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("outer radius (nm)" + (", log scale" if log else ""))
     ax.set_ylabel("vesicles")
     ax.set_title(f"radius distribution (n = {len(r)})")

@@ -360,6 +360,18 @@ def _modoutside(d: Path) -> Setup:
     return Setup({"tomogram": t, "mask_model": closed, "src": far, "like": t, "dst_name": "labels.mrc"})
 
 
+@case("radius_range_inverted", "segment batch", r"--radius-range 30 10 is not a range of radii; give 0 < MIN < MAX")
+def _rrange(d: Path) -> Setup:
+    """--radius-range with MIN above MAX."""
+    return Setup({"tomogram": good_tomogram(d), "radius_range": "30 10"})
+
+
+@case("radius_range_below_two_voxels", "segment", r"minimum 2 nm is under 2 voxels")
+def _rrange_small(d: Path) -> Setup:
+    """--radius-range whose minimum no fit can resolve at the voxel size."""
+    return Setup({"tomogram": good_tomogram(d), "radius_range": "2 90"})
+
+
 @case("probability_out_of_range", "segment", r"not a probability map \(values outside \[0, 1\]\)")
 def _probrange(d: Path) -> Setup:
     """--from-probability given a tomogram instead of a probability map."""
@@ -535,6 +547,10 @@ def outputs(files: dict[str, Any], tmp: Path) -> dict[str, Path]:
             "evaluate": root / "eval", "batch": root / "batch"}
 
 
+def _radius_range_args(f: dict[str, str]) -> list[str]:
+    return ["--radius-range", *f["radius_range"].split()] if "radius_range" in f else []
+
+
 def cli_args(command: str, files: dict[str, Any], tmp: Path, model: Path) -> list[str]:
     out = outputs(files, tmp).get(command)
     f = {k: str(v) for k, v in files.items()}
@@ -547,9 +563,9 @@ def cli_args(command: str, files: dict[str, Any], tmp: Path, model: Path) -> lis
     if command == "segment":
         opt = [x for k in ("mask", "mask_model", "from_probability") if k in f
                for x in (f"--{k.replace('_', '-')}", f[k])]
-        return ["segment", f["tomogram"], "-o", str(out), *mdl, *vs, *opt]
+        return ["segment", f["tomogram"], "-o", str(out), *mdl, *vs, *opt, *_radius_range_args(f)]
     if command == "batch":
-        return ["batch", f["tomogram"], "-o", str(out), *mdl, *vs, "--workers", "1"]
+        return ["batch", f["tomogram"], "-o", str(out), *mdl, *vs, "--workers", "1", *_radius_range_args(f)]
     if command == "convert":
         opt = [x for k in ("like", "cytoplasm", "to") if k in f for x in (f"--{k}", f[k])]
         return ["convert", f["src"], str(out), *opt]
@@ -649,7 +665,8 @@ def run_api(command: str, setup: Setup, tmp: Path, model: Path) -> Any:
         if command in ("segment", "batch"):
             from cryoves.pipeline import SegmentConfig, segment
 
-            cfg = SegmentConfig(model=mdl, voxel_size=vs, report=False,
+            rr = tuple(float(v) for v in str(f["radius_range"]).split()) if "radius_range" in f else None
+            cfg = SegmentConfig(model=mdl, voxel_size=vs, report=False, radius_range_nm=rr,
                                 **{k: str(f[k]) for k in ("mask", "mask_model", "from_probability") if k in f})
             if command == "segment":
                 return segment(f["tomogram"], out, cfg)

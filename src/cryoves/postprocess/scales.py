@@ -59,9 +59,11 @@ def check_radius_range(
     try:
         lo, hi = (float(v) for v in radius_range_nm)
     except (TypeError, ValueError) as exc:
-        raise ParameterError(f"--radius-range needs two numbers MIN MAX in nm, got {radius_range_nm!r}") from exc
+        raise ParameterError(f"--radius-range {radius_range_nm!r} is not two numbers; give MIN MAX in nm") from exc
     if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
-        raise ParameterError(f"--radius-range {lo:g} {hi:g}: give 0 < MIN < MAX in nm, e.g. --radius-range 12 90")
+        raise ParameterError(
+            f"--radius-range {lo:g} {hi:g} is not a range of radii; give 0 < MIN < MAX in nm, e.g. --radius-range 12 90"
+        )
     vox_nm = (voxel_size_a or 0.0) / 10.0
     if lo < 2 * vox_nm:
         raise ParameterError(

@@ -130,3 +130,17 @@ def test_radius_range_limits_what_is_found(two_sizes):
     small = segment(two_sizes.tomogram, None, SegmentConfig(report=False, radius_range_nm=(12.0, 30.0)))
     # (a piece of the 60 nm vesicle may be fitted as a small one: nothing looks for it at this range)
     assert 20 in _matched_radii(small.vesicles, gt) and (small.vesicles.df["radius_nm"] <= 30).all()
+
+
+def test_a_piece_visited_first_removes_nothing_but_itself():
+    levels = plan_levels(22.0, 22.0, 19.0)
+    # a clear piece (r 6 vx) inside a large vesicle (r 26 vx) overlaps an SV just outside the large one
+    piece = (60, 60, 80, 6.0)
+    sv = (60, 60, 89.6, 7.0)
+    fine = VesicleTable.from_spheres(np.array([piece[:3], sv[:3]], float), np.array([piece[3], sv[3]]), 22.0,
+                                     flags=["", ""], membrane_contrast=[1.0, 0.6], membrane_coverage=[1.0, 0.9])
+    big = VesicleTable.from_spheres(np.array([[60.0, 60.0, 60.0]]), np.array([26.0]), 22.0, flags=[""],
+                                    membrane_contrast=[0.7], membrane_coverage=[0.9])
+    merged, rejected = merge_levels([fine, _table([]), big], levels)
+    assert sorted(np.round(merged.radii, 1)) == [7.0, 26.0]
+    assert len(rejected) == 1 and rejected["radius"].iloc[0] == pytest.approx(6.0)

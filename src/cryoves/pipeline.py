@@ -4,8 +4,8 @@ Steps: read + validate → region masks → probability map (network, cached by 
 threshold (range stored with the model) → labelling with adaptive local thresholds → sphere fitting
 (touching pieces whose spheres fit one vesicle are rejoined and refitted) → outlier repair → the
 same on each coarser level of the size search, fitted on the tomogram (``postprocess.scales``) →
-merge across levels → region filter → outputs. Every removal is recorded in the rejected table; ``manifest.json`` is written
-last so a folder without it is never mistaken for a complete result.
+merge across levels → region filter → outputs. Every removal is recorded in the rejected table;
+``manifest.json`` is written last so a folder without it is never mistaken for a complete result.
 """
 
 from __future__ import annotations
@@ -543,8 +543,7 @@ def _coarse_level(
     ref = float(np.nanmedian(con)) if np.isfinite(con).sum() >= 3 else None
     table, rej_qc = qc(table, intensity, min_radius_nm=lvl.min_radius_nm, contrast_reference=ref)
     info = {**lvl.to_dict(), "threshold": th, "grid_shape": list(prob.shape), "candidates": len(fitted),
-            "new": len(centres),
-            "vesicles": len(table), "seconds": round(time.perf_counter() - t0, 3)}
+            "new": len(centres), "vesicles": len(table), "seconds": round(time.perf_counter() - t0, 3)}
     return table, [rej_fit, rej_band, rej_qc], info
 
 

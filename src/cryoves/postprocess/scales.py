@@ -231,7 +231,7 @@ def merge_levels(tables: list[VesicleTable], levels: list[Level]) -> tuple[Vesic
         df["_fit"] = np.abs(np.log(df["radius_nm"].to_numpy(float) / lvl.vesicle_radius_nm))
         parts.append(df)
     vs = tables[0].voxel_size
-    df = pd.concat(parts, ignore_index=True) if parts else tables[0].df.copy()
+    df = pd.concat(parts, ignore_index=True)
     if len(df) == 0:
         return tables[0].with_df(tables[0].df.assign(**{LEVEL_COLUMN: np.zeros(0)})), pd.DataFrame(columns=REJECTED_COLUMNS)
     df["id"] = np.arange(1, len(df) + 1)
@@ -245,6 +245,7 @@ def merge_levels(tables: list[VesicleTable], levels: list[Level]) -> tuple[Vesic
     for a, b in zip(i, j):
         rivals.setdefault(int(a), []).append(int(b))
         rivals.setdefault(int(b), []).append(int(a))
+
     def inside(big: int, small: int) -> bool:
         """``small`` is a piece of ``big``: its centre inside, much smaller, ``big`` has a membrane."""
         return (radii[small] < PIECE_RATIO * radii[big]
@@ -256,12 +257,12 @@ def merge_levels(tables: list[VesicleTable], levels: list[Level]) -> tuple[Vesic
     for k in np.lexsort((df["_fit"].to_numpy(), -quality)):
         if not keep[k]:
             continue
-        for o in rivals.get(int(k), ()):
-            if not keep[o]:
-                continue
-            if inside(o, k):  # k is a piece of the (less clear) whole vesicle o
-                keep[k], winner[k] = False, o
-                break
+        kept_rivals = [o for o in rivals.get(int(k), ()) if keep[o]]
+        whole = next((o for o in kept_rivals if inside(o, k)), None)
+        if whole is not None:  # k is a piece of the (less clear) whole vesicle: it goes, nothing else
+            keep[k], winner[k] = False, whole
+            continue
+        for o in kept_rivals:
             keep[o], winner[o] = False, k
     lost = np.flatnonzero(~keep)
     level = df[LEVEL_COLUMN].to_numpy(float)

@@ -21,7 +21,8 @@ Sets (seeds never used to tune defaults):
         population (SVs, large vesicles, VLPs).
 
 Variants: "auto" is the default run (size search over 12–90 nm); "single" is one network pass at
-the model's own scale (``--vesicle-radius`` = the training radius), as before the size search.
+the model's own scale (``--vesicle-radius`` = the training radius), as before the size search;
+"fp32" is the default run with the network in fp32 (the CPU default before bf16 on AMX CPUs).
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ def _config(model: str, variant: str):
     from cryoves.pipeline import SegmentConfig
 
     hint = model_info(model).vesicle_radius_nm if variant == "single" else None
-    return SegmentConfig(model=model, report=False, vesicle_radius_nm=hint)
+    precision = "fp32" if variant == "fp32" else "auto"
+    return SegmentConfig(model=model, report=False, vesicle_radius_nm=hint, precision=precision)
 
 
 def run(models: list[str], workdir: Path, set_name: str, variants: list[str]) -> dict:
@@ -240,7 +242,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", help="model name or path (repeatable)")
     ap.add_argument("--set", choices=["easy", "hard", "mixed", "all"], default="all", help="which benchmark set(s)")
-    ap.add_argument("--variant", action="append", choices=["auto", "single"],
+    ap.add_argument("--variant", action="append", choices=["auto", "single", "fp32"],
                     help="auto (size search, the default) and/or single (one pass at the model's scale)")
     ap.add_argument("--workdir", default="out/bench_segment")
     ap.add_argument("--json", default=None, help="write the results here")

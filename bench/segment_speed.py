@@ -1,94 +1,181 @@
-"""Wall time of the whole `cryoves segment` on a 200×400×400 simulated synapse (target ≤ 60 s, 2 cores).
+"""Wall time, per-step times and peak memory of the whole `cryoves segment`, against a baseline checkout.
 
-Prints the per-step timings from the run manifest and the ratio against the original's tiling
-strategy for the network step (64³ tiles keeping 24³, one tile per call — measured in this run on a
-sub-block and extrapolated to the same number of model-grid voxels).
+Each run is a fresh `python -m cryoves segment TOMO -o OUT` process (cold: no cached map, start-up
+included), alternating this source tree and the baseline's, on the same simulated synapse
+(200×400×400 at 22 Å, ~400 vesicles, by default). Printed per run: wall time, the seconds from
+process start to the network step, the manifest's per-step times, peak RSS of the main process
+and peak PSS of the whole process tree (main + post-processing workers; PSS splits shared pages,
+so the shared tomogram is counted once), then medians and ratios (baseline / this).
 
-With ``--size-search-cost N`` it also times, cold and alternating N times, the default run (size
-search over 12–90 nm) against one network pass at the model's scale (``--vesicle-radius`` = the
-training radius), and prints the median ratio.
+    python bench/segment_speed.py --baseline-rev 9c2a079 [--runs 2] [--shape 200 400 400]
+    python bench/segment_speed.py --baseline ../cryoves-old     # any other checkout
+    python bench/segment_speed.py --no-baseline --shape 300 1024 1024 --voxel-size 14.7 --preset synapse
+    python bench/segment_speed.py --size-search-cost 2          # size search vs one pass (this tree)
 
-    python bench/segment_speed.py [--model NAME|PATH] [--shape 200 400 400] [--size-search-cost 2]
+``--baseline-rev`` makes a temporary git worktree of that revision. Extra segment options go
+after ``--``, e.g. ``-- --precision fp32``.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import json
+import os
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
-import numpy as np
+HERE = Path(__file__).resolve().parents[1]
 
-sys.path.insert(0, str(Path(__file__).parent))
+
+def _tree_pss(pid: int) -> int:
+    """Proportional set size (bytes) of ``pid`` and its descendants (0 for vanished ones)."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_full_info().pss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_segment(src: Path, tomo: Path, out: Path, extra: list[str]) -> dict:
+    """One cold CLI run; wall time, time to the network, steps, peak RSS/PSS."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    shutil.rmtree(out, ignore_errors=True)  # a folder from an earlier run would lend its cached map
+    log = out.with_suffix(".log")
+    cmd = [sys.executable, "-m", "cryoves", "segment", str(tomo), "-o", str(out), *extra]
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, text=True)
+        peak = [0]
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.2):
+                peak[0] = max(peak[0], _tree_pss(proc.pid))
+
+        th = threading.Thread(target=watch, daemon=True)
+        th.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        done.set()
+        th.join()
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"segment failed with {src}:\n{log.read_text()[-2000:]}")
+    man = json.loads((out / "manifest.json").read_text())
+    steps = man.get("timings_s", {})
+    before_net = sum(v for k, v in steps.items() if k in ("read", "checksum", "masks"))
+    after = sum(steps.values())
+    return {
+        "wall": wall,
+        # process start to the network: wall time not spent in the steps after 'masks'
+        "to_network": wall - (after - before_net),
+        "steps": steps,
+        "n": man.get("n_vesicles"),
+        "rss": usage.ru_maxrss * 1024,
+        "pss": peak[0],
+        "precision": man.get("prediction", {}).get("precision"),
+    }
+
+
+def _fmt(name: str, rep: int, r: dict) -> str:
+    steps = ", ".join(f"{k} {v:.1f}" for k, v in r["steps"].items() if v >= 0.05)
+    return (f"{name:>8} run {rep}: {r['wall']:6.1f} s, {r['n']} vesicles, network reached after {r['to_network']:.2f} s, "
+            f"peak RSS {r['rss'] / 2**30:.2f} GiB, tree PSS {r['pss'] / 2**30:.2f} GiB ({r['precision']}); {steps}")
+
+
+def _baseline_tree(args, stack: list) -> Path | None:
+    if args.no_baseline:
+        return None
+    if args.baseline:
+        return Path(args.baseline).resolve() / "src"
+    tmp = Path(tempfile.mkdtemp(prefix="cryoves-baseline-"))
+    subprocess.run(["git", "-C", str(HERE), "worktree", "add", "--detach", str(tmp / "tree"), args.baseline_rev],
+                   check=True, capture_output=True)
+    stack.append(tmp / "tree")
+    return tmp / "tree" / "src"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="cryoves-default")
+    ap.add_argument("--baseline", help="another cryoves checkout (its src/ is used)")
+    ap.add_argument("--baseline-rev", default="9c2a079", help="git revision for a temporary baseline worktree")
+    ap.add_argument("--no-baseline", action="store_true", help="time this tree only")
+    ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--shape", type=int, nargs=3, default=[200, 400, 400])
     ap.add_argument("--voxel-size", type=float, default=22.0)
+    ap.add_argument("--preset", default="synapse")
     ap.add_argument("--workdir", default="out/bench_speed")
     ap.add_argument("--size-search-cost", type=int, default=0, metavar="N",
-                    help="also time the size search against one pass, N alternating cold runs each")
+                    help="only time the size search against one pass (this tree), N alternating runs each")
+    ap.add_argument("extra", nargs="*", help="segment options for both trees (after --)")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    import torch
-
-    from cryoves.io import write_mrc
-    from cryoves.model import load_model
-    from cryoves.pipeline import SegmentConfig, segment
-    from cryoves.simulate import SimulationConfig, simulate
-    from predict_speed import baseline
-
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    sim = simulate(SimulationConfig.preset("synapse", shape=tuple(args.shape), voxel_size_a=args.voxel_size), seed=7)
-    path = work / "tomo.mrc"
-    write_mrc(path, sim.tomogram.asarray(), sim.tomogram.voxel_size)
-    print(f"tomogram {tuple(args.shape)} at {args.voxel_size} Å, {len(sim.vesicles)} true vesicles, "
-          f"torch threads {torch.get_num_threads()}")
-    model = load_model(args.model)
-    t0 = time.perf_counter()
-    res = segment(path, work / "seg", SegmentConfig(model=args.model, report=False), force=True, model=model)
-    total = time.perf_counter() - t0
-    steps = res.manifest["timings_s"]
-    for k, v in steps.items():
-        print(f"  {k:>18}: {v:7.2f} s")
-    print(f"segment total: {total:.1f} s (target ≤ 60 s) -> {'OK' if total <= 60 else 'over target'}; "
-          f"{len(res.vesicles)} vesicles")
-    # Baseline network step: the original's tiling on a 72³ block, extrapolated.
-    block = np.random.default_rng(0).standard_normal((72, 72, 72)).astype(np.float32)
-    _, secs = baseline(model.net, block)
-    grid = np.asarray(res.manifest["prediction"].get("model_grid_shape") or args.shape)
-    base_secs = secs / (72 // 24 + 1) ** 3 * float(np.prod(grid // 24 + 1))  # per-window time × windows
-    print(f"network step: ours {steps['predict']:.1f} s vs original tiling {base_secs:.0f} s (extrapolated) "
-          f"-> {base_secs / steps['predict']:.0f}x")
+    shape = "x".join(map(str, args.shape))
+    tomo = work / f"{args.preset}_{shape}_{args.voxel_size:g}A.mrc"
+    if not tomo.exists():
+        sys.path.insert(0, str(HERE / "src"))
+        from cryoves.io import write_mrc
+        from cryoves.simulate import SimulationConfig, simulate
+
+        sim = simulate(SimulationConfig.preset(args.preset, shape=tuple(args.shape), voxel_size_a=args.voxel_size),
+                       seed=7)
+        write_mrc(tomo, sim.tomogram.asarray(), sim.tomogram.voxel_size)
+        print(f"{tomo}: {len(sim.vesicles)} true vesicles", flush=True)
+    print(f"{tomo}: {tomo.stat().st_size / 2**30:.2f} GiB, {os.cpu_count()} CPUs", flush=True)
     if args.size_search_cost:
-        size_search_cost(path, model, args.size_search_cost)
-
-
-def size_search_cost(path: Path, model, repeats: int) -> None:
-    """Cold runs (no output folder, so no cached map), alternating: size search vs one pass."""
-    from cryoves.pipeline import SegmentConfig, segment
-
-    configs = {"size search": SegmentConfig(model=model.info.name, report=False),
-               "one pass": SegmentConfig(model=model.info.name, report=False,
-                                         vesicle_radius_nm=model.info.vesicle_radius_nm)}
-    secs: dict[str, list[float]] = {k: [] for k in configs}
-    counts: dict[str, int] = {}
-    for _ in range(repeats):
-        for name, cfg in configs.items():
-            t0 = time.perf_counter()
-            res = segment(path, None, cfg, model=model)
-            secs[name].append(time.perf_counter() - t0)
-            counts[name] = len(res.vesicles)
-            levels = {k: v for k, v in res.manifest["timings_s"].items() if k.startswith("level_") or k == "merge_levels"}
-            print(f"  {name:>11}: {secs[name][-1]:6.1f} s, {counts[name]} vesicles, levels {levels}", flush=True)
-    med = {k: float(np.median(v)) for k, v in secs.items()}
-    print(f"size search {med['size search']:.1f} s vs one pass {med['one pass']:.1f} s (medians of {repeats}) "
-          f"-> {med['size search'] / med['one pass']:.2f}x (target <= 1.3x)")
+        variants = {"size search": [], "one pass": ["--vesicle-radius", "19"]}
+        trees = {k: (HERE / "src", v) for k, v in variants.items()}
+    else:
+        trees = {"this": (HERE / "src", [])}
+    worktrees: list[Path] = []
+    try:
+        base = None if args.size_search_cost else _baseline_tree(args, worktrees)
+        if base is not None:
+            trees = {"baseline": (base, []), **trees}
+        results: dict[str, list[dict]] = {k: [] for k in trees}
+        for rep in range(args.runs):
+            for name, (src, opts) in trees.items():
+                r = run_segment(src, tomo, work / f"{name.replace(' ', '_')}_{rep}", [*opts, *args.extra])
+                results[name].append(r)
+                print(_fmt(name, rep, r), flush=True)
+    finally:
+        for wt in worktrees:
+            subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force", str(wt)], capture_output=True)
+    med = {k: {"wall": statistics.median(r["wall"] for r in v), "rss": max(r["rss"] for r in v),
+               "pss": max(r["pss"] for r in v), "to_network": statistics.median(r["to_network"] for r in v)}
+           for k, v in results.items()}
+    input_gib = tomo.stat().st_size / 2**30
+    for k, m in med.items():
+        print(f"{k:>11}: median {m['wall']:.1f} s, network reached after {m['to_network']:.2f} s, peak RSS "
+              f"{m['rss'] / 2**30:.2f} GiB (limit 2.5 x input + 1 = {2.5 * input_gib + 1:.2f} GiB), tree PSS "
+              f"{m['pss'] / 2**30:.2f} GiB")
+    names = list(med)
+    if len(names) == 2:
+        a, b = names
+        steps = sorted({s for r in results[a] + results[b] for s in r["steps"]},
+                       key=lambda s: list(results[b][0]["steps"]).index(s) if s in results[b][0]["steps"] else 99)
+        for s in steps:
+            va = statistics.median(r["steps"].get(s, 0.0) for r in results[a])
+            vb = statistics.median(r["steps"].get(s, 0.0) for r in results[b])
+            print(f"  {s:>16}: {a} {va:6.2f} s  {b} {vb:6.2f} s" + (f"  -> {va / vb:.2f}x" if vb > 0.05 else ""))
+        print(f"whole segment: {a} {med[a]['wall']:.1f} s, {b} {med[b]['wall']:.1f} s -> "
+              f"{med[a]['wall'] / med[b]['wall']:.2f}x")
 
 
 if __name__ == "__main__":

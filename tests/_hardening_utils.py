@@ -280,7 +280,7 @@ def _aniso(d: Path) -> Setup:
     return _tomo_setup(good_tomogram(d, "aniso.mrc", noise((12, 48, 48)), vs=(66.0, 22.0, 22.0)))
 
 
-@case("smaller_than_tile", "predict segment", r"random on cpu \(fp32\), 1 tiles", code=0,
+@case("smaller_than_tile", "predict segment", r"random on cpu \((fp32|bf16)\), 1 tiles", code=0,
       expect_for={"segment": r"^0 vesicles"})
 def _small(d: Path) -> Setup:
     """A 12×16×16 volume, far smaller than one network tile: predicted as one padded tile."""

@@ -152,7 +152,7 @@ def test_no_import_cycles_between_subpackages():
 
 #: Building blocks, and the modules that compose them (docs/architecture.md).
 LOWER = ("cryoves.errors", "cryoves.atomic", "cryoves.vesicles", "cryoves.io", "cryoves.preprocess",
-         "cryoves.postprocess", "cryoves.model", "cryoves.device", "cryoves.results")
+         "cryoves.postprocess", "cryoves.model", "cryoves.device", "cryoves.results", "cryoves.parallel")
 UPPER = ("cryoves.pipeline", "cryoves.blockwise", "cryoves.batch", "cryoves.cli", "cryoves.napari")
 
 

@@ -194,8 +194,9 @@ _MEMORY_SCRIPT = textwrap.dedent(
         while not stop:
             peak[0] = max(peak[0], anon()); time.sleep(0.002)
     th = threading.Thread(target=watch); th.start()
+    # fp32: bf16 (auto on AMX CPUs) adds oneDNN kernel caches per tile shape, not per volume size
     predict_tomogram(Tomogram(data, (18.0,) * 3), model, out=sys.argv[1] + "/p.npy", tile=96,
-                     batch_size=1, progress=False)
+                     batch_size=1, progress=False, precision="fp32")
     stop.append(1); th.join()
     print(json.dumps({"base": base, "peak": peak[0], "nbytes": n ** 3 * 4}))
     """

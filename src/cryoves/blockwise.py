@@ -491,7 +491,10 @@ class DaskBackend:
     def predict(self, tomo: Tomogram, model: Any, **kwargs: Any) -> Any:
         return predict_blockwise(tomo, model, self.client, **kwargs)
 
-    def fit_spheres(self, intensity: np.ndarray, labels: np.ndarray, voxel_size_a: float) -> tuple[Any, pd.DataFrame]:
+    def fit_spheres(
+        self, intensity: np.ndarray, labels: np.ndarray, voxel_size_a: float, cache: dict | None = None
+    ) -> tuple[Any, pd.DataFrame]:
+        """All objects fitted on the cluster (``cache`` is not used: the blocks are fitted again)."""
         return fit_spheres_blockwise(intensity, labels, voxel_size_a, self.client)
 
 

@@ -151,7 +151,7 @@ TtaOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if available, else CPU), cpu or cuda[:N].")]
 PrecisionOpt = Annotated[
-    str, typer.Option("--precision", help="auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16, or fp16 on CUDA.")
+    str, typer.Option("--precision", help="auto (bf16/fp16 on CUDA; bf16 on CPUs with AMX, else fp32), fp32, bf16, or fp16 on CUDA.")
 ]
 TileOpt = Annotated[
     Optional[int], typer.Option("--tile", help="Tile side in model voxels (multiple of 4; default: from memory).")

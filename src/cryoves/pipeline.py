@@ -118,10 +118,12 @@ class Backend:
 
         return predict_tomogram(tomo, model, **kwargs)
 
-    def fit_spheres(self, intensity: np.ndarray, labels: np.ndarray, voxel_size_a: float) -> tuple[Any, pd.DataFrame]:
+    def fit_spheres(
+        self, intensity: np.ndarray, labels: np.ndarray, voxel_size_a: float, cache: dict | None = None
+    ) -> tuple[Any, pd.DataFrame]:
         from cryoves.postprocess.spheres import fit_spheres
 
-        return fit_spheres(intensity, labels, voxel_size_a)
+        return fit_spheres(intensity, labels, voxel_size_a, cache=cache)
 
 
 class _Steps:
@@ -344,9 +346,9 @@ def segment(
     """
     from cryoves.atomic import removing_new_dirs
 
-    with removing_new_dirs(outdir) if outdir is not None else contextlib.nullcontext():
+    with removing_new_dirs(outdir) if outdir is not None else contextlib.nullcontext(), contextlib.ExitStack() as stack:
         return _segment(tomo, outdir, config, force=force, progress=progress, should_stop=should_stop,
-                        keep_stages=keep_stages, model=model, backend=backend or Backend())
+                        keep_stages=keep_stages, model=model, backend=backend or Backend(), stack=stack)
 
 
 def _segment(
@@ -360,7 +362,9 @@ def _segment(
     keep_stages: bool,
     model: Any,
     backend: Backend,
+    stack: contextlib.ExitStack,
 ) -> SegmentResult:
+    from cryoves import parallel
     from cryoves.model import model_info
     from cryoves.postprocess.masks import restrict_probability, vesicles_in_region
     from cryoves.postprocess.outliers import map_confidence, repair
@@ -390,11 +394,9 @@ def _segment(
         levels = levels[:1]  # only the given map
     finest = levels[0].vesicle_radius_nm
     finest_hint = None if cfg.vesicle_radius_nm is None and abs(finest - minfo.vesicle_radius_nm) < 1e-9 else finest
+    parallel.warm_up()  # the post-processing workers start while the network runs
     prob, pred_info = steps.run("predict", 0.05, _probability, tomo, cfg, out, input_sha, model, backend, finest_hint)
-
-    intensity = tomo.asarray(np.float32)
-    if pred_info.get("inverted"):
-        intensity = -intensity  # post-processing expects dense = dark
+    intensity = _intensity(tomo, bool(pred_info.get("inverted")), stack)
     if cyto is not None:
         prob = steps.run("restrict", 0.6, restrict_probability, prob, cyto)
 
@@ -477,6 +479,21 @@ def _segment(
     return SegmentResult(vesicles, rejected, prob, final_labels, manifest, out, stage_labels, stage_tables)
 
 
+def _intensity(tomo: Tomogram, inverted: bool, stack: contextlib.ExitStack) -> np.ndarray:
+    """The tomogram as float32, dense = dark (post-processing expects it); in shared memory when
+    post-processing has worker processes (filled slab by slab: no second full copy)."""
+    from cryoves import parallel
+
+    if parallel.workers() <= 1:
+        src = tomo.asarray(np.float32)
+        return -src if inverted else src
+    out = stack.enter_context(parallel.SharedArray(shape=tomo.shape, dtype=np.float32)).array
+    for z in range(0, tomo.shape[0], 16):
+        slab = np.asarray(tomo.data[z : z + 16], dtype=np.float32)
+        out[z : z + 16] = -slab if inverted else slab
+    return out
+
+
 def _objects(
     run: Callable[..., Any], prob: np.ndarray, threshold: float, intensity: np.ndarray, vs: float, min_radius_nm: float,
     fit: Callable[..., Any], stage_labels: dict[str, np.ndarray] | None = None,
@@ -492,13 +509,15 @@ def _objects(
         labels = select(labels)
     if stage_labels is not None:
         stage_labels["adaptive"] = labels.copy()
-    spheres, rej_fit = run("spheres", 0.8, fit, intensity, labels, vs)
+    cache: dict = {}
+    spheres, rej_fit = run("spheres", 0.8, fit, intensity, labels, vs, cache=cache)
     joined, new_ids = rejoin_duplicate_pieces(labels, spheres.ids, spheres.centres, spheres.radii)
     if new_ids:
         # refit with the whole objects in place of their pieces (measured: better than letting the
-        # pieces' fits compete with the whole object's, which loses vesicles cut by the volume border)
+        # pieces' fits compete with the whole object's, which loses vesicles cut by the volume border);
+        # only objects whose start or neighbours changed are fitted again
         labels = joined
-        spheres, rej_fit = run("refit", 0.85, fit, intensity, labels, vs)
+        spheres, rej_fit = run("refit", 0.85, fit, intensity, labels, vs, cache=cache)
     return labels, spheres, rej_adaptive, rej_fit
 
 

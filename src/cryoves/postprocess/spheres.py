@@ -703,6 +703,7 @@ def fit_spheres(
     options: FitOptions | None = None,
     mask_neighbours: bool = True,
     progress: bool = False,
+    cache: dict | None = None,
     **kwargs,
 ) -> tuple[VesicleTable, pd.DataFrame]:
     """Fit a sphere to every labelled object of ``labels`` (z, y, x) in ``intensity`` (dense = dark).
@@ -713,14 +714,16 @@ def fit_spheres(
     pull centres in crowded clusters). Returns (VesicleTable with ids = label ids and QC columns
     membrane_thickness_nm, membrane_density, lumen_density, profile_correlation, fit_residual,
     source="auto", plus membrane_contrast (dip depth over the RMS fit residual); rejected table with
-    step ``"fit"``). ``voxel_size_a`` in Å; keyword arguments set :class:`FitOptions`.
+    step ``"fit"``). ``voxel_size_a`` in Å; keyword arguments set :class:`FitOptions`. Objects
+    are fitted on every core (:mod:`cryoves.parallel`); ``cache`` (a dict, from an earlier call on
+    the same ``intensity`` with the same options) skips the objects whose start has not changed.
     """
     intensity = check_volume(intensity, "tomogram")
     labels = check_volume(labels, "labels")
     check_same_shape(intensity, labels, "tomogram", "labels")
     vs = check_voxel_size(voxel_size_a)
     opts = _with_voxel_size(options or FitOptions(**kwargs), vs)
-    return _fit_items(intensity, initial_spheres(labels, opts, mask_neighbours), vs, opts, progress)
+    return _fit_items(intensity, initial_spheres(labels, opts, mask_neighbours), vs, opts, progress, cache)
 
 
 def fit_spheres_at(
@@ -745,21 +748,54 @@ def fit_spheres_at(
     return _fit_items(intensity, _with_neighbours(items, opts, mask_neighbours), vs, opts, False)
 
 
-def _fit_items(intensity: np.ndarray, items: list, vs: float, opts: FitOptions, progress: bool):
-    ids, fits, rejected = [], [], []
-    if progress:
-        from tqdm import tqdm
+def _fit_items(
+    intensity: np.ndarray, items: list, vs: float, opts: FitOptions, progress: bool, cache: dict | None = None
+):
+    """Fit every item (id, centre, radius, neighbours) on the worker processes
+    (:mod:`cryoves.parallel`). ``cache`` maps an item's start (centre, radius, neighbours) to its
+    outcome: an item met before is not fitted again (the fit depends on nothing else)."""
+    from cryoves import parallel
 
-        items = tqdm(items, desc="fitting spheres", unit="vesicle")
-    for i, cen, r0, others in items:
-        try:
-            f = _fit(intensity, cen, r0, opts, others)
-        except FitFailure as exc:
-            rejected.append(rejected_frame([i], cen[None], [r0], "fit", [str(exc)]))
+    keys = [_item_key(it) for it in items]
+    cache = {} if cache is None else cache
+    todo = [it for it, k in zip(items, keys, strict=True) if k not in cache]
+    with parallel.shared(intensity, parallel.workers() > 1 and len(todo) > 1) as volume:
+        tasks = [(volume, chunk, opts) for chunk in parallel.chunks(todo)]
+        done = parallel.pmap(_fit_task, tasks, progress="fitting spheres" if progress else None)
+    for chunk, outcomes in zip(tasks, done, strict=True):
+        for it, out in zip(chunk[1], outcomes, strict=True):
+            cache[_item_key(it)] = out
+    ids, fits, rejected = [], [], []
+    for (i, cen, r0, _), key in zip(items, keys, strict=True):
+        out = cache[key]
+        if isinstance(out, str):
+            rejected.append(rejected_frame([i], cen[None], [r0], "fit", [out]))
             continue
-        f.voxel_size = vs
+        out.voxel_size = vs
         ids.append(i)
-        fits.append(f)
+        fits.append(out)
     table = table_from_fits(ids, fits, vs)
-    log.info("fitted %d spheres, %d objects could not be fitted", len(fits), len(rejected))
+    log.info("fitted %d spheres, %d objects could not be fitted, %d fits reused", len(fits), len(rejected),
+             len(items) - len(todo))
     return table, concat_rejected(rejected)
+
+
+def _item_key(item) -> tuple:
+    _, cen, r0, others = item
+    return (np.asarray(cen, float).tobytes(), float(r0),
+            None if others is None else (np.asarray(others[0]).tobytes(), np.asarray(others[1]).tobytes()))
+
+
+def _fit_task(task) -> list:
+    """Worker side of :func:`_fit_items`: a SphereFit or the failure's reason per item."""
+    from cryoves.parallel import attached
+
+    volume, items, opts = task
+    out: list = []
+    with attached(volume) as vol:
+        for _, cen, r0, others in items:
+            try:
+                out.append(_fit(vol, cen, r0, opts, others))
+            except FitFailure as exc:
+                out.append(str(exc))
+    return out

@@ -1,0 +1,150 @@
+"""cryoves.parallel: post-processing on worker processes gives the single-process result, exactly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from _post_utils import random_scene
+from cryoves import parallel
+from cryoves.errors import ParameterError
+from cryoves.postprocess import adaptive, spheres
+
+
+@pytest.fixture
+def two_workers():
+    parallel.set_workers(2)
+    yield
+    parallel.set_workers(None)
+
+
+def _pid(_: int) -> int:
+    return os.getpid()
+
+
+def _total(ref) -> float:
+    with parallel.attached(ref) as arr:
+        return float(arr.sum())
+
+
+def test_pmap_runs_on_other_processes_in_order(two_workers):
+    assert parallel.pmap(abs, list(range(-20, 0))) == list(range(20, 0, -1))
+    assert os.getpid() not in set(parallel.pmap(_pid, list(range(8))))
+
+
+@pytest.mark.parametrize("room", [True, False], ids=["shm", "file"])
+def test_shared_array_is_seen_by_the_workers(two_workers, monkeypatch, room):
+    if not room:  # a container's small /dev/shm: a temporary file instead
+        monkeypatch.setattr(parallel, "_shm_room", lambda: 0)
+    data = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+    with parallel.SharedArray(data) as sa:
+        assert (sa.ref.path is None) == room
+        with parallel.shared(sa.array, True) as ref:
+            assert ref is sa.ref  # no second copy of an array that is already shared
+        assert parallel.pmap(_total, [sa.ref] * 4) == [float(data.sum())] * 4
+    with parallel.shared(data, False) as same:
+        assert same is data
+
+
+def test_fits_and_splits_match_one_process(monkeypatch):
+    """Tasks of one object each: the vesicle table and the label volume (ids included) are the
+    single-process ones, bit for bit."""
+    sc = random_scene(n=24, shape=(48, 96, 96), r_range=(6.0, 9.0), gap=0.5, seed=3, prob_blur=2.5)
+    monkeypatch.setattr(parallel, "TASKS_PER_WORKER", 50)  # one object per task
+    out = {}
+    for n in (1, 2):
+        parallel.set_workers(n)
+        try:
+            labels, _ = adaptive.label_vesicles(sc.prob, 0.5, sc.voxel_size, min_radius_nm=3.0, split_volume_factor=1.2)
+            table, rejected = spheres.fit_spheres(sc.intensity, labels, sc.voxel_size)
+        finally:
+            parallel.set_workers(None)
+        out[n] = labels, table.df, rejected
+    (l1, t1, r1), (l2, t2, r2) = out[1], out[2]
+    assert len(t1) >= 15
+    assert np.array_equal(l1, l2)
+    assert t1.equals(t2) and r1.equals(r2)
+
+
+def test_fit_cache_skips_unchanged_objects(monkeypatch):
+    sc = random_scene(n=6, shape=(48, 64, 64), seed=1)
+    labels, _ = adaptive.label_vesicles(sc.prob, 0.5, sc.voxel_size, min_radius_nm=3.0)
+    calls = []
+    real = spheres._fit
+    monkeypatch.setattr(spheres, "_fit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    parallel.set_workers(1)
+    try:
+        cache: dict = {}
+        first, _ = spheres.fit_spheres(sc.intensity, labels, sc.voxel_size, cache=cache)
+        n_first = len(calls)
+        again, _ = spheres.fit_spheres(sc.intensity, labels, sc.voxel_size, cache=cache)
+        assert len(calls) == n_first and first.df.equals(again.df)  # nothing fitted twice
+        one = labels.copy()
+        one[one == one.max()] = 0  # one object gone: only the objects near it start differently
+        spheres.fit_spheres(sc.intensity, one, sc.voxel_size, cache=cache)
+        assert len(calls) < 2 * n_first
+    finally:
+        parallel.set_workers(None)
+
+
+def test_a_script_without_main_guard_is_not_run_again_by_the_workers(tmp_path):
+    marker = tmp_path / "runs.txt"
+    script = tmp_path / "user_script.py"
+    script.write_text(textwrap.dedent(f"""
+        from cryoves import parallel
+        with open({str(marker)!r}, "a") as fh:
+            fh.write("run\\n")
+        parallel.set_workers(2)
+        print(parallel.pmap(abs, [-1, -2, -3, -4]))
+    """))
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().endswith("[1, 2, 3, 4]")
+    assert marker.read_text().splitlines() == ["run"]
+
+
+def test_worker_count_rules(monkeypatch):
+    monkeypatch.setenv("CRYOVES_WORKERS", "3")
+    assert parallel.workers() == 3
+    monkeypatch.setenv("CRYOVES_WORKERS", "many")
+    with pytest.raises(ParameterError, match="CRYOVES_WORKERS"):
+        parallel.workers()
+    monkeypatch.delenv("CRYOVES_WORKERS")
+    with pytest.raises(ParameterError):
+        parallel.set_workers(0)
+    monkeypatch.setattr(parallel.multiprocessing.current_process(), "daemon", True, raising=False)
+    assert parallel.workers() == 1  # a Dask worker: no children
+
+
+def test_workers_end_when_their_process_is_killed(tmp_path):
+    """A killed segmentation leaves no worker behind (it would hold the caller's pipes open)."""
+    import psutil
+
+    script = tmp_path / "killed.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys
+        from cryoves import parallel
+        if __name__ == "__main__":
+            parallel.set_workers(2)
+            print(parallel.pmap(abs, [-1, -2]), flush=True)
+            kids = [p.pid for p in __import__("psutil").Process().children(recursive=True)]
+            print(" ".join(map(str, kids)), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """))
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == -9
+    kids = [int(p) for p in res.stdout.splitlines()[1].split()]
+    assert kids  # the forkserver and its workers
+    procs = []
+    for p in kids:
+        try:
+            procs.append(psutil.Process(p))
+        except psutil.NoSuchProcess:
+            pass  # already gone
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    assert not alive, alive

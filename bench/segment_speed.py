@@ -52,39 +52,43 @@ def _tree_pss(pid: int) -> int:
 
 
 def run_segment(src: Path, tomo: Path, out: Path, extra: list[str]) -> dict:
-    """One cold CLI run; wall time, time to the network, steps, peak RSS/PSS."""
+    """One cold CLI run: wall time, seconds from process start to the network step (the
+    'step: predict' log line), the manifest's steps, peak RSS of the main process, peak PSS of
+    the process tree."""
     env = {**os.environ, "PYTHONPATH": str(src)}
     shutil.rmtree(out, ignore_errors=True)  # a folder from an earlier run would lend its cached map
-    log = out.with_suffix(".log")
     cmd = [sys.executable, "-m", "cryoves", "segment", str(tomo), "-o", str(out), *extra]
     t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, text=True)
-        peak = [0]
-        done = threading.Event()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    peak, to_network, lines = [0], [float("nan")], []
+    done = threading.Event()
 
-        def watch() -> None:
-            while not done.wait(0.2):
-                peak[0] = max(peak[0], _tree_pss(proc.pid))
+    def watch() -> None:
+        while not done.wait(0.2):
+            peak[0] = max(peak[0], _tree_pss(proc.pid))
 
-        th = threading.Thread(target=watch, daemon=True)
+    def read() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if "step: predict" in line and to_network[0] != to_network[0]:
+                to_network[0] = time.perf_counter() - t0
+            lines.append(line)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (watch, read)]
+    for th in threads:
         th.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        done.set()
-        th.join()
+    _, status, usage = os.wait4(proc.pid, 0)  # this process is small: ru_maxrss is the child's own
+    proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
+    done.set()
+    for th in threads:
+        th.join()
     if proc.returncode:
-        raise SystemExit(f"segment failed with {src}:\n{log.read_text()[-2000:]}")
+        raise SystemExit(f"segment failed with {src}:\n{''.join(lines)[-2000:]}")
     man = json.loads((out / "manifest.json").read_text())
-    steps = man.get("timings_s", {})
-    before_net = sum(v for k, v in steps.items() if k in ("read", "checksum", "masks"))
-    after = sum(steps.values())
     return {
         "wall": wall,
-        # process start to the network: wall time not spent in the steps after 'masks'
-        "to_network": wall - (after - before_net),
-        "steps": steps,
+        "to_network": to_network[0],
+        "steps": man.get("timings_s", {}),
         "n": man.get("n_vesicles"),
         "rss": usage.ru_maxrss * 1024,
         "pss": peak[0],
@@ -128,15 +132,15 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     shape = "x".join(map(str, args.shape))
     tomo = work / f"{args.preset}_{shape}_{args.voxel_size:g}A.mrc"
-    if not tomo.exists():
-        sys.path.insert(0, str(HERE / "src"))
-        from cryoves.io import write_mrc
-        from cryoves.simulate import SimulationConfig, simulate
-
-        sim = simulate(SimulationConfig.preset(args.preset, shape=tuple(args.shape), voxel_size_a=args.voxel_size),
-                       seed=7)
-        write_mrc(tomo, sim.tomogram.asarray(), sim.tomogram.voxel_size)
-        print(f"{tomo}: {len(sim.vesicles)} true vesicles", flush=True)
+    if not tomo.exists():  # simulated in a child process: ru_maxrss of the runs must not inherit its memory
+        code = ("import sys; from cryoves.io import write_mrc; from cryoves.simulate import SimulationConfig, simulate; "
+                f"sim = simulate(SimulationConfig.preset({args.preset!r}, shape={tuple(args.shape)}, "
+                f"voxel_size_a={args.voxel_size}), seed=7); "
+                f"write_mrc({str(tomo)!r}, sim.tomogram.asarray(), sim.tomogram.voxel_size); "
+                "print(len(sim.vesicles), 'true vesicles')")
+        sim = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(HERE / "src")},
+                             capture_output=True, text=True, check=True)
+        print(f"{tomo}: {sim.stdout.strip()}", flush=True)
     print(f"{tomo}: {tomo.stat().st_size / 2**30:.2f} GiB, {os.cpu_count()} CPUs", flush=True)
     if args.size_search_cost:
         variants = {"size search": [], "one pass": ["--vesicle-radius", "19"]}

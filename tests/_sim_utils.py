@@ -39,3 +39,12 @@ def write_sim_inputs(sim, folder):
     write_mrc(folder / "cyto.mrc", sim.cytoplasm_mask.astype(np.uint8), vs)
     write_mrc(folder / "az.mrc", sim.active_zone_mask.astype(np.uint8), vs)
     return folder
+
+
+@functools.lru_cache(maxsize=4)
+def slab_sim(seed: int = 11, ice_nm: float = 120.0, shape=(96, 96, 96), voxel_size_a: float = 30.0):
+    """A synapse in a thin ice slab with vacuum above and below (about 40 % of the slices)."""
+    from cryoves.simulate import SimulationConfig, simulate
+
+    return simulate(SimulationConfig.preset("synapse", shape=shape, voxel_size_a=voxel_size_a, ice_thickness_nm=ice_nm),
+                    seed=seed)

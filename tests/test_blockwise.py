@@ -68,6 +68,20 @@ def test_predict_blockwise_equals_single_process(client, model, tmp_path):
         predict_blockwise(tomo, model, client, out=tmp_path / "p.zarr", device="cpu", tile=TILE, progress=False)
 
 
+def test_predict_blockwise_skips_the_same_vacuum(client, model):
+    """A synapse in a thin slab: the blocks cover only the slab, as the single-process tiles do."""
+    from _sim_utils import slab_sim
+
+    tomo = slab_sim(11).tomogram
+    kw = dict(device="cpu", tile=TILE, progress=False, precision="fp32")
+    single = predict_tomogram(tomo, model, **kw)
+    res = predict_blockwise(tomo, model, client, block=(48, 48, 48), **kw)
+    z0, z1 = single.info["specimen_z"]
+    assert res.info["specimen_z"] == [z0, z1] and z1 - z0 < single.info["model_grid_shape"][0]
+    assert res.info["tiles"] == single.info["tiles"] and res.info["blocks"] >= 4
+    np.testing.assert_allclose(np.asarray(res.prob), single.prob, atol=1e-6, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def scene():
     s = random_scene(n=12, shape=(48, 112, 112), seed=3)

@@ -16,6 +16,7 @@ from cryoves.errors import OutputExistsError, ParameterError, ResourceError
 from cryoves.io import Tomogram, write_mrc
 from cryoves.model import ModelInfo, save_checkpoint
 from cryoves.predict import (
+    DEFAULT_CONTEXT,
     TTA_TRANSFORMS,
     _inverse,
     _transform,
@@ -265,3 +266,24 @@ def test_cli_predict_on_real_hiv_tiff(tmp_path, monkeypatch):
     with mrcfile.open(out) as m:
         assert m.data.shape == (101, 135, 135) and float(m.voxel_size.x) == pytest.approx(40.0)
         assert 0 <= float(m.data.min()) and float(m.data.max()) <= 1
+
+
+def test_vacuum_above_and_below_the_slab_is_not_predicted():
+    """Only the specimen slab goes through the network; inside it (beyond the tiling context of
+    the cut) the map is the whole-volume map, outside it is 0."""
+    from _sim_utils import slab_sim
+
+    tomo = slab_sim(11).tomogram
+    model = random_model(0)
+    kw = dict(device="cpu", precision="fp32", progress=False, tile=64)
+    skip = predict_tomogram(tomo, model, **kw)
+    whole = predict_tomogram(tomo, model, skip_vacuum=False, **kw)
+    nz = skip.info["model_grid_shape"][0]
+    z0, z1 = skip.info["specimen_z"]
+    assert whole.info["specimen_z"] == [0, nz] and z1 - z0 <= 0.8 * nz
+    assert skip.info["tiles"] < whole.info["tiles"]
+    s = tomo.shape[0] / nz  # model-grid slices -> tomogram slices
+    inner = slice(int(np.ceil((z0 + DEFAULT_CONTEXT) * s)) + 1, int((z1 - DEFAULT_CONTEXT) * s) - 1)
+    assert inner.stop - inner.start >= 10
+    np.testing.assert_allclose(skip.prob[inner], whole.prob[inner], atol=1e-4, rtol=0)  # tile rounding only
+    assert not skip.prob[: int(z0 * s) - 1].any() and not skip.prob[int(np.ceil(z1 * s)) + 1 :].any()

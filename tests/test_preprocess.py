@@ -150,3 +150,46 @@ def test_detect_polarity_on_real_hiv_tomogram():
         label, score = detect_polarity(v)
         assert label == "dense_bright", (f, score)
         assert detect_polarity(-v)[0] == "dense_dark"
+
+
+def _vesicle_z_extent(sim) -> tuple[float, float]:
+    c, r = sim.vesicles.centres, sim.vesicles.radii
+    return float((c[:, 0] - r).min()), float((c[:, 0] + r).max())
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_specimen_slab_skips_the_vacuum_and_keeps_every_vesicle(seed):
+    from _sim_utils import slab_sim
+
+    sim = slab_sim(seed)
+    vol = sim.tomogram.asarray()
+    zs = pp.specimen_slab(vol, margin=8)
+    lo, hi = _vesicle_z_extent(sim)
+    assert zs.start <= lo and zs.stop >= hi  # nothing of a vesicle is skipped
+    assert zs.stop - zs.start <= 0.75 * vol.shape[0]  # a quarter or more is vacuum, and skipped
+
+
+def test_specimen_slab_tilted_slab_keeps_every_vesicle():
+    """A slab tilted across x (20 slices from one side to the other): found block by block."""
+    from _sim_utils import slab_sim
+
+    sim = slab_sim(11)
+    vol = sim.tomogram.asarray()
+    shift = np.round(np.linspace(0, 20, vol.shape[2])).astype(int)
+    tilted = np.stack([np.roll(vol[:, :, x], shift[x], axis=0) for x in range(vol.shape[2])], axis=2)
+    zs = pp.specimen_slab(tilted, margin=8)
+    c, r = sim.vesicles.centres, sim.vesicles.radii
+    z = c[:, 0] + shift[np.clip(np.round(c[:, 2]).astype(int), 0, vol.shape[2] - 1)]
+    assert zs.start <= (z - r).min() and zs.stop >= (z + r).max()
+
+
+def test_specimen_slab_trims_nothing_without_clear_vacuum():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(96, 64, 64)).astype(np.float32)
+    assert pp.specimen_slab(noise) == slice(0, 96)
+    assert pp.specimen_slab(noise[:20]) == slice(0, 20)  # too thin to judge
+    from _sim_utils import slab_sim
+
+    full = slab_sim(13, ice_nm=None, shape=(64, 96, 96), voxel_size_a=22.0).tomogram.asarray()  # ice fills 90 %
+    zs = pp.specimen_slab(full, margin=8)
+    assert zs.stop - zs.start >= 0.9 * full.shape[0]

@@ -153,6 +153,10 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA if availabl
 PrecisionOpt = Annotated[
     str, typer.Option("--precision", help="auto (bf16/fp16 on CUDA; bf16 on CPUs with AMX, else fp32), fp32, bf16, or fp16 on CUDA.")
 ]
+WholeVolumeOpt = Annotated[
+    bool, typer.Option("--whole-volume", help="Run the network on every slice, also on the vacuum above and below "
+                       "the specimen slab (skipped by default; docs/models.md).")
+]
 TileOpt = Annotated[
     Optional[int], typer.Option("--tile", help="Tile side in model voxels (multiple of 4; default: from memory).")
 ]
@@ -296,6 +300,7 @@ def predict_cmd(
     tta: TtaOpt = 1,
     precision: PrecisionOpt = "auto",
     tile: TileOpt = None,
+    whole_volume: WholeVolumeOpt = False,
     force: ForceOpt = False,
 ) -> None:
     """Run the U-Net on TOMOGRAM and write the vesicle probability map (float32, 0-1).
@@ -307,7 +312,7 @@ def predict_cmd(
 
     res = predict_file(tomogram, output, voxel_size=voxel_size, model=model, invert=invert,
                        vesicle_radius_nm=vesicle_radius, device=device, tta=tta, precision=precision,
-                       tile=tile, force=force)
+                       tile=tile, skip_vacuum=not whole_volume, force=force)
     i = res.info
     typer.echo(f"{i['model']} on {i['device']} ({i['precision']}), {i['tiles']} tiles, "
                f"inverted={i['inverted']} (polarity score {i['polarity_score']:.3f}), "
@@ -333,6 +338,7 @@ def segment_cmd(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     tile: TileOpt = None,
+    whole_volume: WholeVolumeOpt = False,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Split this (huge) tomogram across N local Dask workers (docs/batch.md).")] = None,
     scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Split this tomogram across the workers of this Dask scheduler.")] = None,
     force: ForceOpt = False,
@@ -356,6 +362,7 @@ def segment_cmd(
         device=device,
         precision=precision,
         tile=tile,
+        whole_volume=whole_volume,
     )
     if workers is not None or scheduler is not None:
         from cryoves.blockwise import segment_split
@@ -430,6 +437,7 @@ def batch_cmd(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     tile: TileOpt = None,
+    whole_volume: WholeVolumeOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Redo tomograms that already have a complete result.")] = False,
 ) -> None:
     """Segment many tomograms on Dask; resumable, one failure never stops the batch."""
@@ -441,7 +449,7 @@ def batch_cmd(
 
     cfg = SegmentConfig(model=model, voxel_size=voxel_size, invert=invert, vesicle_radius_nm=vesicle_radius,
                         radius_range_nm=_radius_range(radius_range), threshold=threshold, tta=tta, device=device, precision=precision,
-                        tile=tile)
+                        tile=tile, whole_volume=whole_volume)
     summary = run_batch(inputs, output, cfg, scheduler=scheduler, slurm=slurm, n_workers=workers, force=force)
     table = Table(title=f"cryoves batch -> {output / SUMMARY_NAME}")
     for col in ("tomogram", "status", "n_vesicles", "seconds", "error"):

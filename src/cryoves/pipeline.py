@@ -79,6 +79,8 @@ class SegmentConfig:
     tta: int = 1
     device: str = "auto"
     precision: str = "auto"
+    whole_volume: bool = False
+    """Run the network on every slice (default: only on the specimen slab, not the vacuum)."""
     tile: int | None = None
     """Prediction tile side in model voxels; None chooses it from the memory."""
     max_mahalanobis_p: float = 1e-4
@@ -242,6 +244,7 @@ def _probability(
             "tta": cfg.tta,
             "precision": cfg.precision,
             **({"tile": cfg.tile} if cfg.tile is not None else {}),  # keys of earlier runs stay valid
+            **({"whole_volume": True} if cfg.whole_volume else {}),
         },
         sort_keys=True,
     )
@@ -260,6 +263,7 @@ def _probability(
         vesicle_radius_nm=radius_nm,
         precision=cfg.precision,
         tile=cfg.tile,
+        skip_vacuum=not cfg.whole_volume,
     )
     info = dict(res.info)
     info["cache_key"] = key
@@ -396,7 +400,8 @@ def _segment(
     finest_hint = None if cfg.vesicle_radius_nm is None and abs(finest - minfo.vesicle_radius_nm) < 1e-9 else finest
     parallel.warm_up()  # the post-processing workers start while the network runs
     prob, pred_info = steps.run("predict", 0.05, _probability, tomo, cfg, out, input_sha, model, backend, finest_hint)
-    intensity = _intensity(tomo, bool(pred_info.get("inverted")), stack)
+    held = stack.enter_context(contextlib.ExitStack())  # the shared tomogram, until the last fit
+    intensity = _intensity(tomo, bool(pred_info.get("inverted")), held)
     if cyto is not None:
         prob = steps.run("restrict", 0.6, restrict_probability, prob, cyto)
 
@@ -440,6 +445,9 @@ def _segment(
             per_level.append(table)
             rejected_parts += rej
             pred_info.setdefault("coarse_levels", []).append(lvl_info)
+        del coarse
+    del intensity, labels  # the fits are done: free their memory before rendering and writing
+    held.close()
     pred_info["levels"] = [lvl.to_dict() for lvl in levels]
     vesicles, rej_merge = steps.run("merge_levels", 0.92, merge_levels, per_level, levels)
     rejected_parts.append(rej_merge)
@@ -540,7 +548,8 @@ def _coarse_level(
     t0 = time.perf_counter()
     model = model if model is not None else load_model(cfg.model)
     res = predict_tomogram(tomo, model, device=cfg.device, tta=cfg.tta, invert=inverted, precision=cfg.precision,
-                           vesicle_radius_nm=lvl.vesicle_radius_nm, on_model_grid=True, progress=False)
+                           vesicle_radius_nm=lvl.vesicle_radius_nm, on_model_grid=True, progress=False,
+                           skip_vacuum=not cfg.whole_volume)
     prob = res.prob
     if cyto is not None:
         from cryoves.postprocess.masks import restrict_probability

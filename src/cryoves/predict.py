@@ -491,6 +491,7 @@ def predict_tomogram(
     force: bool = False,
     progress: bool = True,
     on_model_grid: bool = False,
+    skip_vacuum: bool = True,
 ) -> PredictionResult:
     """Vesicle probability map of a tomogram, on the tomogram's own grid (z, y, x), in [0, 1].
 
@@ -503,9 +504,12 @@ def predict_tomogram(
     is then a temporary memory map beside it, so tomograms larger than RAM work.
     With ``on_model_grid`` the map stays on the model grid (not resampled back; ``out`` not
     allowed) and the result also holds the network input (``image``), e.g. for a coarse search.
+    With ``skip_vacuum`` the network runs only on the z-range that holds the specimen
+    (:func:`cryoves.preprocess.specimen_slab`, with half the tiling context more on each side);
+    the vacuum above and below gets probability 0.
     """
     from cryoves.atomic import check_file_output, make_dir
-    from cryoves.preprocess import _target_shape, model_grid_scale
+    from cryoves.preprocess import _target_shape, model_grid_scale, specimen_slab
 
     t0 = time.perf_counter()
     out_path = Path(out) if out is not None else None
@@ -536,8 +540,15 @@ def predict_tomogram(
         same_grid = tuple(mshape) == tuple(final.shape)
         prob_m = final if same_grid else stack.enter_context(_scratch(scratch_dir, mshape))
         fused = prepare_network(loaded.net, dev, prec)
-        predict_array(fused, grid, device=dev, tile=tile, batch_size=batch_size, precision=prec,
-                      tta=tta, out=prob_m, progress=progress, prepared=True, stats=stats)
+        zs = specimen_slab(grid, margin=DEFAULT_CONTEXT // 2) if skip_vacuum else slice(0, mshape[0])
+        if zs != slice(0, mshape[0]):
+            for a, b in ((0, zs.start), (zs.stop, mshape[0])):
+                for z0 in range(a, b, 32):
+                    prob_m[z0 : min(z0 + 32, b)] = 0.0
+            log.info("specimen slab: model-grid slices %d-%d of %d (the rest is vacuum)", zs.start, zs.stop, mshape[0])
+        predict_array(fused, grid[zs], device=dev, tile=tile, batch_size=batch_size, precision=prec,
+                      tta=tta, out=prob_m[zs], progress=progress, prepared=True, stats=stats)
+        stats["specimen_z"] = [int(zs.start), int(zs.stop)]
         if not same_grid:
             from_model_grid(prob_m, tomo.shape, out=final)
         for z0 in range(0, final.shape[0], 32):  # trilinear cannot overshoot; guard rounding

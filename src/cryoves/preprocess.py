@@ -306,3 +306,44 @@ def prepare_input(
     normalise(grid, info.normalisation, inplace=True)
     return grid, {"scale": [float(v) for v in scale], "inverted": bool(inverted), "polarity": polarity,
                   "polarity_score": float(score)}
+
+
+#: Blocks per in-plane axis for the slab search: a tilted slab is found block by block.
+SLAB_BLOCKS = 3
+#: A block's texture profile must rise this much (relative) above its vacuum level to count.
+SLAB_MIN_CONTRAST = 0.04
+
+
+def specimen_slab(volume: Any, margin: int = 12, *, blocks: int = SLAB_BLOCKS) -> slice:
+    """The z-range (slices of ``volume``, z, y, x) that holds the specimen, with ``margin`` slices
+    more on each side; the whole range when no vacuum is clearly seen.
+
+    Vacuum above and below the ice slab holds only reconstruction noise; the slab adds texture
+    (membranes, proteins). Per z slice and per block of a ``blocks`` × ``blocks`` in-plane grid
+    (a tilted slab moves between blocks), the texture is the standard deviation of the slice
+    minus its Gaussian blur (σ 4 voxels). A block's profile along z counts only when it rises
+    at least :data:`SLAB_MIN_CONTRAST` above its lowest level; the slices from either end that
+    stay below half-way to its upper level (90th percentile) are vacuum. The specimen range is the
+    union over the blocks. Only the ends are ever trimmed, so a slab that fills the volume, a
+    uniform volume or a pale lumen inside the slab trims nothing.
+    """
+    nz, ny, nx = volume.shape
+    if nz < 4 * margin or ny < 8 * blocks or nx < 8 * blocks:
+        return slice(0, nz)
+    yb = np.linspace(0, ny, blocks + 1).astype(int)
+    xb = np.linspace(0, nx, blocks + 1).astype(int)
+    prof = np.empty((blocks * blocks, nz))
+    for z in range(nz):
+        sl = np.asarray(volume[z], dtype=np.float32)
+        hp = sl - ndimage.gaussian_filter(sl, 4.0)
+        prof[:, z] = [hp[yb[i] : yb[i + 1], xb[j] : xb[j + 1]].std() for i in range(blocks) for j in range(blocks)]
+    lo, hi = nz, 0
+    for p in ndimage.gaussian_filter1d(prof, 2.0, axis=1, mode="nearest"):
+        base, top = float(p.min()), float(np.percentile(p, 90))
+        if not (np.isfinite(base) and base > 0) or top - base < SLAB_MIN_CONTRAST * base:
+            return slice(0, nz)  # a block without a clear slab: keep everything
+        inside = np.flatnonzero(p > 0.5 * (base + top))
+        lo, hi = min(lo, int(inside[0])), max(hi, int(inside[-1]) + 1)
+    if hi - lo < 2 * margin:
+        return slice(0, nz)
+    return slice(max(lo - margin, 0), min(hi + margin, nz))

@@ -76,8 +76,8 @@ def test_predict_blockwise_skips_the_same_vacuum(client, model):
     kw = dict(device="cpu", tile=TILE, progress=False, precision="fp32")
     single = predict_tomogram(tomo, model, **kw)
     res = predict_blockwise(tomo, model, client, block=(48, 48, 48), **kw)
-    z0, z1 = single.info["specimen_z"]
-    assert res.info["specimen_z"] == [z0, z1] and z1 - z0 < single.info["model_grid_shape"][0]
+    (z0, z1), *_ = single.info["network_box"]
+    assert res.info["network_box"] == single.info["network_box"] and z1 - z0 < single.info["model_grid_shape"][0]
     assert res.info["tiles"] == single.info["tiles"] and res.info["blocks"] >= 4
     np.testing.assert_allclose(np.asarray(res.prob), single.prob, atol=1e-6, rtol=0)
 

@@ -229,3 +229,20 @@ def test_failed_write_leaves_old_file_and_no_temporaries(tmp_path, monkeypatch):
         write_mrc(p, np.ones((2, 3, 4), np.float32), 10.0)
     assert p.read_bytes() == before
     assert [x.name for x in tmp_path.iterdir()] == ["a.mrc"]
+
+
+def test_release_pages_drops_a_read_memory_map_from_resident_memory(tmp_path):
+    import psutil
+
+    path = write_mrc(tmp_path / "big.mrc", np.ones((64, 512, 512), np.float32), 10.0)  # 64 MiB
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    tomo = read_tomogram(path)
+    assert float(np.asarray(tomo.data).sum()) == 64 * 512 * 512  # every page read
+    read = proc.memory_info().rss
+    tomo.release_pages()
+    released = proc.memory_info().rss
+    assert read - before > 48 * 2**20 and read - released > 48 * 2**20
+    assert float(tomo.data[10].sum()) == 512 * 512  # still readable
+    Tomogram = type(tomo)
+    Tomogram(np.zeros((2, 2, 2), np.float32), (1.0,) * 3).release_pages()  # in memory: nothing to do

@@ -153,3 +153,21 @@ def test_cli_segment_and_errors(sim_files, tmp_path):
     assert "--force" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["segment", str(tmp_path / "missing.mrc"), "-o", str(tmp_path / "x")])
     assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_network_runs_only_on_the_box_of_the_mask(sim_files, tmp_path, monkeypatch):
+    import cryoves.predict as pr
+
+    sim, d = sim_files
+    half = np.zeros(sim.tomogram.shape, np.uint8)
+    half[:, :, : sim.tomogram.shape[2] // 2] = 1
+    write_mrc(tmp_path / "half.mrc", half, sim.tomogram.voxel_size)
+    regions = []
+    real = pr.predict_tomogram
+    monkeypatch.setattr(pr, "predict_tomogram", lambda *a, **k: regions.append(k.get("region")) or real(*a, **k))
+    cfg = SegmentConfig(mask=str(tmp_path / "half.mrc"), report=False, vesicle_radius_nm=19.0)
+    man = segment(d / "tomo.mrc", None, cfg).manifest
+    nz, ny, nx = sim.tomogram.shape
+    assert regions == [(slice(0, nz), slice(0, ny), slice(0, nx // 2))]
+    (_, x1) = man["prediction"]["network_box"][2]
+    assert x1 < man["prediction"]["model_grid_shape"][2]  # the other half never went through the network

@@ -110,6 +110,10 @@ def test_touching_pieces_fitted_to_one_vesicle_are_rejoined_under_a_fresh_id():
     # far-apart spheres are never joined
     same, none = rejoin_duplicate_pieces(labels, [3, 7], [(20, 20, 15), (20, 20, 55)], [10, 8])
     assert none == [] and same is labels
+    # in place (the pipeline's way: no second label volume in memory): the same volume
+    inplace, new2 = rejoin_duplicate_pieces(labels, [3, 5, 7, 9], centres, [10, 10, 8, 8], inplace=True)
+    assert inplace is labels and new2 == new
+    np.testing.assert_array_equal(inplace, joined)
 
 
 def _ellipsoids(shape, centres, radius, z_stretch):

@@ -279,11 +279,27 @@ def test_vacuum_above_and_below_the_slab_is_not_predicted():
     skip = predict_tomogram(tomo, model, **kw)
     whole = predict_tomogram(tomo, model, skip_vacuum=False, **kw)
     nz = skip.info["model_grid_shape"][0]
-    z0, z1 = skip.info["specimen_z"]
-    assert whole.info["specimen_z"] == [0, nz] and z1 - z0 <= 0.8 * nz
+    (z0, z1), *_ = skip.info["network_box"]
+    assert whole.info["network_box"][0] == [0, nz] and z1 - z0 <= 0.8 * nz
     assert skip.info["tiles"] < whole.info["tiles"]
     s = tomo.shape[0] / nz  # model-grid slices -> tomogram slices
     inner = slice(int(np.ceil((z0 + DEFAULT_CONTEXT) * s)) + 1, int((z1 - DEFAULT_CONTEXT) * s) - 1)
     assert inner.stop - inner.start >= 10
     np.testing.assert_allclose(skip.prob[inner], whole.prob[inner], atol=1e-4, rtol=0)  # tile rounding only
     assert not skip.prob[: int(z0 * s) - 1].any() and not skip.prob[int(np.ceil(z1 * s)) + 1 :].any()
+
+
+def test_network_runs_only_around_the_region():
+    """A region (e.g. the box of a cytoplasm mask): the map is 0 beyond it plus the tiling
+    context, and inside it the whole-volume map."""
+    tomo = Tomogram(vesicle_volume((48, 96, 96), n=8, seed=2), (22.0,) * 3)
+    model = random_model(0)
+    kw = dict(device="cpu", precision="fp32", progress=False, tile=64, skip_vacuum=False)
+    region = (slice(8, 40), slice(30, 60), slice(0, 50))
+    part = predict_tomogram(tomo, model, region=region, **kw)
+    whole = predict_tomogram(tomo, model, **kw)
+    assert part.info["network_box"] == [[0, 48], [6, 84], [0, 74]]  # region ± 24 voxels of context
+    np.testing.assert_allclose(part.prob[region], whole.prob[region], atol=1e-4, rtol=0)
+    assert not part.prob[:, :6].any() and not part.prob[:, 84:].any() and not part.prob[:, :, 74:].any()
+    empty = predict_tomogram(tomo, model, region=(slice(0, 0),) * 3, **kw)
+    assert empty.info["tiles"] == 0 and not empty.prob.any()

@@ -170,14 +170,14 @@ def _shift(box: tuple[slice, ...], origin: Sequence[int]) -> tuple[slice, ...]:
 
 
 def _predict_block(
-    input_path: str, z_range: tuple[int, int], block: Block, model: Any, device: str, precision: str, tta: int,
-    batch_size: int,
+    input_path: str, box: tuple[tuple[int, int], ...], block: Block, model: Any, device: str, precision: str,
+    tta: int, batch_size: int,
 ) -> tuple[tuple[slice, ...], np.ndarray]:
-    """Worker task: the probabilities of one block's kept box (coordinates within ``z_range``,
-    the specimen slices of the normalised input)."""
+    """Worker task: the probabilities of one block's kept box (coordinates within ``box``, the
+    part of the normalised input the network runs on: :func:`cryoves.predict.network_box`)."""
     from cryoves.predict import Tile
 
-    volume = np.load(input_path, mmap_mode="r")[z_range[0] : z_range[1]]
+    volume = np.load(input_path, mmap_mode="r")[tuple(slice(a, b) for a, b in box)]
     origin = [s.start for s in block.src]
     local_in = _read_box(volume, block.src)
     local_tiles = [Tile(_shift(t.src, origin), _shift(t.keep, origin)) for t in block.tiles]  # type: ignore[arg-type]
@@ -237,6 +237,7 @@ def predict_blockwise(
     force: bool = False,
     progress: bool = True,
     skip_vacuum: bool = True,
+    region: Sequence[slice] | None = None,
 ) -> Any:
     """Probability map of one (huge) tomogram, predicted block by block on the Dask ``client``.
 
@@ -261,8 +262,10 @@ def predict_blockwise(
         available_memory,
         choose_tile,
         estimate_tile_memory,
+        network_box,
+        zero_outside,
     )
-    from cryoves.preprocess import _target_shape, from_model_grid, model_grid_scale, prepare_input, specimen_slab
+    from cryoves.preprocess import _target_shape, from_model_grid, model_grid_scale, prepare_input
 
     t0 = time.perf_counter()
     out_path = Path(out) if out is not None else None
@@ -291,24 +294,22 @@ def predict_blockwise(
     try:
         grid = np.lib.format.open_memmap(work / "input.npy", mode="w+", dtype=np.float32, shape=mshape)
         grid, pre = prepare_input(tomo, info, invert=invert, vesicle_radius_nm=vesicle_radius_nm, out=grid)
-        # the same specimen range as predict_tomogram, so that the tile plans agree
-        zs = specimen_slab(grid, margin=DEFAULT_CONTEXT // 2) if skip_vacuum else slice(0, mshape[0])
+        # the same box as predict_tomogram, so that the tile plans agree
+        box = network_box(grid, tomo.shape, skip_vacuum=skip_vacuum, region=region)
         grid.flush()
         del grid
-        sub = (zs.stop - zs.start, *mshape[1:])
+        sub = tuple(s.stop - s.start for s in box)
         if block is None:
             n_workers = max(1, len(client.scheduler_info().get("workers", {})))
             block = auto_block(sub, tile, context, BLOCKS_PER_WORKER * n_workers)
-        blocks = plan_blocks(sub, block, tile, context)
+        blocks = plan_blocks(sub, block, tile, context) if min(sub) > 0 else []
         with _final_array(out_path, tomo) as final:
             same_grid = tuple(mshape) == tuple(tomo.shape)
             prob_m = final if same_grid else np.lib.format.open_memmap(
                 work / "prob.npy", mode="w+", dtype=np.float32, shape=mshape)
-            for a, b in ((0, zs.start), (zs.stop, mshape[0])):
-                for z0 in range(a, b, 32):
-                    prob_m[z0 : min(z0 + 32, b)] = 0.0
-            _run_blocks(client, blocks, str(work / "input.npy"), (zs.start, zs.stop), loaded, str(dev), prec,
-                        int(tta), int(batch_size), prob_m, progress)
+            zero_outside(prob_m, box)
+            _run_blocks(client, blocks, str(work / "input.npy"), tuple((s.start, s.stop) for s in box), loaded,
+                        str(dev), prec, int(tta), int(batch_size), prob_m, progress)
             if not same_grid:
                 from_model_grid(prob_m, tomo.shape, out=final)
                 del prob_m
@@ -324,25 +325,26 @@ def predict_blockwise(
         model=info.name, sha256=info.sha256, model_voxel_size_a=info.voxel_size_a, model_grid_shape=list(mshape),
         **pre, tta=int(tta), precision=prec, device=str(dev), vesicle_radius_nm=vesicle_radius_nm,
         tile=int(tile), batch_size=int(batch_size), context=int(context), tiles=sum(len(b.tiles) for b in blocks),
-        blocks=len(blocks), specimen_z=[int(zs.start), int(zs.stop)], seconds=round(time.perf_counter() - t0, 3),
+        blocks=len(blocks), network_box=[[int(s.start), int(s.stop)] for s in box],
+        seconds=round(time.perf_counter() - t0, 3),
     )
     return PredictionResult(prob=result, info=meta)
 
 
-def _run_blocks(client, blocks, input_path, z_range, loaded, device, precision, tta, batch_size, prob_m, progress) -> None:
+def _run_blocks(client, blocks, input_path, box, loaded, device, precision, tta, batch_size, prob_m, progress) -> None:
     from distributed import as_completed
     from tqdm.auto import tqdm
 
     [model_ref] = client.scatter([loaded], broadcast=True, hash=False)
     futures = [
-        client.submit(_predict_block, input_path, z_range, b, model_ref, device, precision, tta, batch_size, pure=False,
+        client.submit(_predict_block, input_path, box, b, model_ref, device, precision, tta, batch_size, pure=False,
                       key=f"predict-block-{k}-{time.time_ns()}")
         for k, b in enumerate(blocks)
     ]
     with tqdm(total=len(futures), desc="predict blocks", unit="block", disable=not progress, leave=False) as bar:
         for fut in as_completed(futures):
-            keep, arr = fut.result()  # keep: within z_range
-            prob_m[(slice(keep[0].start + z_range[0], keep[0].stop + z_range[0]), *keep[1:])] = arr
+            keep, arr = fut.result()  # keep: within the box
+            prob_m[tuple(slice(k.start + b[0], k.stop + b[0]) for k, b in zip(keep, box, strict=True))] = arr
             fut.release()
             bar.update(1)
     if hasattr(prob_m, "flush"):

@@ -212,7 +212,7 @@ def _read_mask(path: str) -> np.ndarray:
 
 def _probability(
     tomo: Tomogram, cfg: SegmentConfig, outdir: Path | None, input_sha: str, model: Any, backend: Backend,
-    radius_nm: float | None,
+    radius_nm: float | None, region: tuple[slice, ...] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Network probability on the tomogram grid (the finest pyramid level, where vesicles of
     ``radius_nm`` look like the training vesicles; None = the model's own scale), reused from
@@ -245,6 +245,7 @@ def _probability(
             "precision": cfg.precision,
             **({"tile": cfg.tile} if cfg.tile is not None else {}),  # keys of earlier runs stay valid
             **({"whole_volume": True} if cfg.whole_volume else {}),
+            **({"region": [[r.start, r.stop] for r in region]} if region is not None else {}),
         },
         sort_keys=True,
     )
@@ -264,6 +265,7 @@ def _probability(
         precision=cfg.precision,
         tile=cfg.tile,
         skip_vacuum=not cfg.whole_volume,
+        region=region,
     )
     info = dict(res.info)
     info["cache_key"] = key
@@ -380,6 +382,7 @@ def _segment(
     out = prepare_output_dir(outdir, force=force) if outdir is not None else None
 
     tomo = steps.run("read", 0.0, _load_tomogram, tomo, cfg.voxel_size)
+    tomo.release_pages()  # validation read every voxel
     if not tomo.is_isotropic:
         raise VoxelSizeError(
             f"anisotropic voxel size {tomo.voxel_size} Å (z, y, x) is not supported; resample the tomogram "
@@ -399,7 +402,9 @@ def _segment(
     finest = levels[0].vesicle_radius_nm
     finest_hint = None if cfg.vesicle_radius_nm is None and abs(finest - minfo.vesicle_radius_nm) < 1e-9 else finest
     parallel.warm_up()  # the post-processing workers start while the network runs
-    prob, pred_info = steps.run("predict", 0.05, _probability, tomo, cfg, out, input_sha, model, backend, finest_hint)
+    region = _mask_box(cyto)
+    prob, pred_info = steps.run("predict", 0.05, _probability, tomo, cfg, out, input_sha, model, backend, finest_hint,
+                                region)
     held = stack.enter_context(contextlib.ExitStack())  # the shared tomogram, until the last fit
     intensity = _intensity(tomo, bool(pred_info.get("inverted")), held)
     if cyto is not None:
@@ -487,6 +492,17 @@ def _segment(
     return SegmentResult(vesicles, rejected, prob, final_labels, manifest, out, stage_labels, stage_tables)
 
 
+def _mask_box(mask: np.ndarray | None) -> tuple[slice, ...] | None:
+    """The bounding box of a region mask (the network runs only there); None without a mask."""
+    if mask is None:
+        return None
+    out = []
+    for ax in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))
+        out.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, 0))
+    return tuple(out)
+
+
 def _intensity(tomo: Tomogram, inverted: bool, stack: contextlib.ExitStack) -> np.ndarray:
     """The tomogram as float32, dense = dark (post-processing expects it); in shared memory when
     post-processing has worker processes (filled slab by slab: no second full copy)."""
@@ -499,6 +515,7 @@ def _intensity(tomo: Tomogram, inverted: bool, stack: contextlib.ExitStack) -> n
     for z in range(0, tomo.shape[0], 16):
         slab = np.asarray(tomo.data[z : z + 16], dtype=np.float32)
         out[z : z + 16] = -slab if inverted else slab
+    tomo.release_pages()
     return out
 
 
@@ -519,7 +536,7 @@ def _objects(
         stage_labels["adaptive"] = labels.copy()
     cache: dict = {}
     spheres, rej_fit = run("spheres", 0.8, fit, intensity, labels, vs, cache=cache)
-    joined, new_ids = rejoin_duplicate_pieces(labels, spheres.ids, spheres.centres, spheres.radii)
+    joined, new_ids = rejoin_duplicate_pieces(labels, spheres.ids, spheres.centres, spheres.radii, inplace=True)
     if new_ids:
         # refit with the whole objects in place of their pieces (measured: better than letting the
         # pieces' fits compete with the whole object's, which loses vesicles cut by the volume border);
@@ -549,7 +566,7 @@ def _coarse_level(
     model = model if model is not None else load_model(cfg.model)
     res = predict_tomogram(tomo, model, device=cfg.device, tta=cfg.tta, invert=inverted, precision=cfg.precision,
                            vesicle_radius_nm=lvl.vesicle_radius_nm, on_model_grid=True, progress=False,
-                           skip_vacuum=not cfg.whole_volume)
+                           skip_vacuum=not cfg.whole_volume, region=_mask_box(cyto))
     prob = res.prob
     if cyto is not None:
         from cryoves.postprocess.masks import restrict_probability

@@ -476,6 +476,43 @@ def _open_result(out: Path) -> np.ndarray:
     return mrcfile.mmap(out, mode="r").data
 
 
+def network_box(
+    grid: Any, tomo_shape: Sequence[int], *, skip_vacuum: bool = True, region: Sequence[slice] | None = None
+) -> tuple[slice, slice, slice]:
+    """The box of the model-grid volume ``grid`` (normalised) the network runs on.
+
+    ``region`` (slices on the tomogram grid of ``tomo_shape``): its box on the model grid plus the
+    tiling context on each side, so that the map inside the region is the whole-volume map.
+    ``skip_vacuum``: only the z-range of the specimen slab (:func:`cryoves.preprocess.specimen_slab`,
+    half the context of margin: the cut lies in vacuum).
+    """
+    from cryoves.preprocess import specimen_slab
+
+    mshape = tuple(int(n) for n in grid.shape)
+    box = [slice(0, n) for n in mshape]
+    if region is not None:
+        for ax, (r, nt, nm) in enumerate(zip(region, tomo_shape, mshape, strict=True)):
+            a, b, _ = r.indices(int(nt))
+            f = nm / float(nt)
+            box[ax] = (slice(max(0, math.floor(a * f) - DEFAULT_CONTEXT), min(nm, math.ceil(b * f) + DEFAULT_CONTEXT))
+                       if b > a else slice(0, 0))  # an empty region: no network at all
+    if skip_vacuum:
+        zs = specimen_slab(grid, margin=DEFAULT_CONTEXT // 2)
+        if zs != slice(0, mshape[0]):
+            log.info("specimen slab: model-grid slices %d-%d of %d (the rest is vacuum)", zs.start, zs.stop, mshape[0])
+        box[0] = slice(max(box[0].start, zs.start), max(max(box[0].start, zs.start), min(box[0].stop, zs.stop)))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def zero_outside(arr: Any, box: Sequence[slice], slab: int = 32) -> None:
+    """Before predicting ``box`` into ``arr``: set the rest of ``arr`` to 0 (here: all of it, slab
+    by slab; nothing when the box is the whole array)."""
+    if all(s.start == 0 and s.stop == n for s, n in zip(box, arr.shape, strict=True)):
+        return
+    for z0 in range(0, arr.shape[0], slab):
+        arr[z0 : z0 + slab] = 0.0
+
+
 def predict_tomogram(
     tomo: Tomogram,
     model: str | os.PathLike | LoadedModel = DEFAULT_MODEL,
@@ -492,6 +529,7 @@ def predict_tomogram(
     progress: bool = True,
     on_model_grid: bool = False,
     skip_vacuum: bool = True,
+    region: Sequence[slice] | None = None,
 ) -> PredictionResult:
     """Vesicle probability map of a tomogram, on the tomogram's own grid (z, y, x), in [0, 1].
 
@@ -504,12 +542,12 @@ def predict_tomogram(
     is then a temporary memory map beside it, so tomograms larger than RAM work.
     With ``on_model_grid`` the map stays on the model grid (not resampled back; ``out`` not
     allowed) and the result also holds the network input (``image``), e.g. for a coarse search.
-    With ``skip_vacuum`` the network runs only on the z-range that holds the specimen
-    (:func:`cryoves.preprocess.specimen_slab`, with half the tiling context more on each side);
-    the vacuum above and below gets probability 0.
+    The network runs only on :func:`network_box`: with ``skip_vacuum`` the z-range that holds
+    the specimen, and within ``region`` (a box on the tomogram grid, e.g. the bounding box of a
+    cytoplasm mask); everything else gets probability 0.
     """
     from cryoves.atomic import check_file_output, make_dir
-    from cryoves.preprocess import _target_shape, model_grid_scale, specimen_slab
+    from cryoves.preprocess import _target_shape, model_grid_scale
 
     t0 = time.perf_counter()
     out_path = Path(out) if out is not None else None
@@ -531,6 +569,7 @@ def predict_tomogram(
     with contextlib.ExitStack() as stack:
         grid = stack.enter_context(_scratch(scratch_dir, mshape))
         grid, prepared = prepare_input(tomo, info, invert=invert, vesicle_radius_nm=vesicle_radius_nm, out=grid)
+        tomo.release_pages()
         if on_model_grid:
             final = np.empty(mshape, np.float32)
         elif out_path is not None:
@@ -540,15 +579,14 @@ def predict_tomogram(
         same_grid = tuple(mshape) == tuple(final.shape)
         prob_m = final if same_grid else stack.enter_context(_scratch(scratch_dir, mshape))
         fused = prepare_network(loaded.net, dev, prec)
-        zs = specimen_slab(grid, margin=DEFAULT_CONTEXT // 2) if skip_vacuum else slice(0, mshape[0])
-        if zs != slice(0, mshape[0]):
-            for a, b in ((0, zs.start), (zs.stop, mshape[0])):
-                for z0 in range(a, b, 32):
-                    prob_m[z0 : min(z0 + 32, b)] = 0.0
-            log.info("specimen slab: model-grid slices %d-%d of %d (the rest is vacuum)", zs.start, zs.stop, mshape[0])
-        predict_array(fused, grid[zs], device=dev, tile=tile, batch_size=batch_size, precision=prec,
-                      tta=tta, out=prob_m[zs], progress=progress, prepared=True, stats=stats)
-        stats["specimen_z"] = [int(zs.start), int(zs.stop)]
+        box = network_box(grid, tomo.shape, skip_vacuum=skip_vacuum, region=region)
+        zero_outside(prob_m, box)
+        if all(s.stop > s.start for s in box):
+            predict_array(fused, grid[box], device=dev, tile=tile, batch_size=batch_size, precision=prec,
+                          tta=tta, out=prob_m[box], progress=progress, prepared=True, stats=stats)
+        else:
+            stats.update(tiles=0)
+        stats["network_box"] = [[int(s.start), int(s.stop)] for s in box]
         if not same_grid:
             from_model_grid(prob_m, tomo.shape, out=final)
         for z0 in range(0, final.shape[0], 32):  # trilinear cannot overshoot; guard rounding

@@ -6,8 +6,10 @@ stored per axis in the same order, in Ångström.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,3 +217,12 @@ class Tomogram:
     def asarray(self, dtype: Any = np.float32) -> np.ndarray:
         """Load the whole volume into memory as ``dtype`` (float32 by default)."""
         return np.asarray(self.data, dtype=dtype)
+
+    def release_pages(self) -> None:
+        """Drop this process's resident pages of a memory-mapped file (read again from the file
+        when needed), so that a pass over the whole tomogram does not keep it in memory; no-op
+        for arrays in memory."""
+        mm = getattr(self.data, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            with contextlib.suppress(OSError, ValueError):
+                mm.madvise(mmap.MADV_DONTNEED)

@@ -68,6 +68,17 @@ def check_volume(arr: np.ndarray, name: str) -> np.ndarray:
     return arr
 
 
+def relabel(labels: np.ndarray, lut: np.ndarray, out: np.ndarray | None = None, slab: int = 16) -> np.ndarray:
+    """``lut[labels]`` computed slab by slab into ``out`` (default: a new array of ``lut``'s dtype;
+    ``out=labels`` works in place): no full-volume temporaries (the index array alone would be
+    8 bytes per voxel)."""
+    if out is None:
+        out = np.empty(labels.shape, lut.dtype)
+    for z in range(0, labels.shape[0], slab):
+        out[z : z + slab] = lut[labels[z : z + slab]]
+    return out
+
+
 def check_same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
     if a.shape != b.shape:
         raise InputError(f"{name_a} shape {a.shape} differs from {name_b} shape {b.shape}; resample one to the other")

@@ -34,6 +34,7 @@ from cryoves.postprocess._common import (
     check_voxel_size,
     concat_rejected,
     rejected_frame,
+    relabel,
     sphere_pairs,
 )
 
@@ -414,13 +415,15 @@ def label_vesicles(
             drop[o.id] = True
             rejected.append(rejected_frame([o.id], o.centroid[None], [_equiv_radius(o.volume)], "label", [reason]))
     if drop.any():
-        labels[drop[labels]] = 0
+        keep = np.arange(len(drop), dtype=labels.dtype)
+        keep[drop] = 0
+        relabel(labels, keep, out=labels)
     log.info("%d objects kept, %d discarded", len(objs) - int(drop.sum()), int(drop.sum()))
     return labels, concat_rejected(rejected)
 
 
 def rejoin_duplicate_pieces(
-    labels: np.ndarray, ids: np.ndarray, centres: np.ndarray, radii: np.ndarray
+    labels: np.ndarray, ids: np.ndarray, centres: np.ndarray, radii: np.ndarray, *, inplace: bool = False
 ) -> tuple[np.ndarray, list[int]]:
     """Rejoin touching objects whose fitted spheres claim the same vesicle.
 
@@ -429,7 +432,8 @@ def rejoin_duplicate_pieces(
     inside the other sphere, but each started from an off-centre piece. Touching (6-neighbour) such
     pieces are joined under a fresh id so the whole object can be refitted.
     ``ids``/``centres``/``radii`` (voxels) describe the fitted objects of ``labels``. Returns (a new
-    label volume with each group of pieces under one fresh id, the fresh ids); ``labels`` is unchanged.
+    label volume with each group of pieces under one fresh id, the fresh ids); ``labels`` is
+    unchanged unless ``inplace`` (then it is the volume returned: no second label volume in memory).
     """
     ids = np.asarray(ids, dtype=np.int64)
     i, j, _, dup = sphere_pairs(centres, radii)
@@ -468,4 +472,4 @@ def rejoin_duplicate_pieces(
         lut[members] = next_id + n
         new_ids.append(next_id + n)
     log.info("rejoined %d groups of split pieces whose spheres fit the same vesicle", len(new_ids))
-    return lut[labels], new_ids
+    return relabel(labels, lut, out=labels if inplace else None), new_ids

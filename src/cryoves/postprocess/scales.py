@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from cryoves.errors import ParameterError
-from cryoves.postprocess._common import REJECTED_COLUMNS, rejected_frame, sphere_pairs
+from cryoves.postprocess._common import REJECTED_COLUMNS, rejected_frame, relabel, sphere_pairs
 from cryoves.vesicles import VesicleTable
 
 #: Radii the network finds reliably, relative to its training radius (measured on the simulator:
@@ -171,7 +171,7 @@ def coarse_objects(
         return labels
     lut = np.arange(len(counts), dtype=labels.dtype)
     lut[drop] = 0
-    return lut[labels]
+    return relabel(labels, lut)
 
 
 def coarse_candidates(

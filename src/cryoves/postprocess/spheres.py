@@ -193,15 +193,18 @@ def _extract_masked(
     if others is None or len(others[1]) == 0:
         return box, origin
     n = box.shape[0]
-    g = [np.arange(n, dtype=np.float32) + np.float32(o) for o in origin]
-    gz, gy, gx = g[0][:, None, None], g[1][None, :, None], g[2][None, None, :]
-    own = np.sqrt((gz - centre[0]) ** 2 + (gy - centre[1]) ** 2 + (gx - centre[2]) ** 2) - np.float32(radius)
     lo, hi = origin, origin + n - 1
     # only voxels within `half` of the centre are used, where own <= half + 1 - radius
     reach = half + 1.0 - radius
     cs, rs = np.asarray(others[0], float), np.asarray(others[1], float)
     gap = np.linalg.norm(np.clip(cs, lo, hi) - cs, axis=1) - rs
-    for c, r in zip(cs[gap < reach], rs[gap < reach]):
+    near = gap < reach
+    if not near.any():
+        return box, origin
+    g = [np.arange(n, dtype=np.float32) + np.float32(o) for o in origin]
+    gz, gy, gx = g[0][:, None, None], g[1][None, :, None], g[2][None, None, :]
+    own = np.sqrt((gz - centre[0]) ** 2 + (gy - centre[1]) ** 2 + (gx - centre[2]) ** 2) - np.float32(radius)
+    for c, r in zip(cs[near], rs[near]):
         # masked voxels lie within reach + r of c: only that part of the box is computed
         ext = reach + r
         a = np.maximum(np.floor(c - ext).astype(int) - lo, 0)

@@ -22,7 +22,8 @@ Sets (seeds never used to tune defaults):
 
 Variants: "auto" is the default run (size search over 12–90 nm); "single" is one network pass at
 the model's own scale (``--vesicle-radius`` = the training radius), as before the size search;
-"fp32" is the default run with the network in fp32 (the CPU default before bf16 on AMX CPUs).
+"fp32" is the default run with the network in fp32 (the CPU default before bf16 on AMX CPUs);
+"whole" is the default run with the network on every slice (``--whole-volume``, no vacuum skip).
 """
 
 from __future__ import annotations
@@ -149,10 +150,11 @@ def _config(model: str, variant: str):
 
     hint = model_info(model).vesicle_radius_nm if variant == "single" else None
     precision = "fp32" if variant == "fp32" else "auto"
-    return SegmentConfig(model=model, report=False, vesicle_radius_nm=hint, precision=precision)
+    return SegmentConfig(model=model, report=False, vesicle_radius_nm=hint, precision=precision,
+                         whole_volume=variant == "whole")
 
 
-def run(models: list[str], workdir: Path, set_name: str, variants: list[str]) -> dict:
+def run(models: list[str], workdir: Path, set_name: str, variants: list[str], seeds: list[int] | None = None) -> dict:
     from cryoves.evaluate import evaluate
     from cryoves.io import write_mrc
     from cryoves.pipeline import segment
@@ -160,6 +162,8 @@ def run(models: list[str], workdir: Path, set_name: str, variants: list[str]) ->
     runs = [(m, v) for m in models for v in variants]
     results: dict[str, list[dict]] = {_label(m, v): [] for m, v in runs}
     for seed, preset, overrides in SETS[set_name]:
+        if seeds and seed not in seeds:
+            continue
         sim = _simulate(seed, preset, overrides)
         path = workdir / f"{set_name}_{seed}.mrc"
         write_mrc(path, sim.tomogram.asarray(), sim.tomogram.voxel_size)
@@ -242,8 +246,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", help="model name or path (repeatable)")
     ap.add_argument("--set", choices=["easy", "hard", "mixed", "all"], default="all", help="which benchmark set(s)")
-    ap.add_argument("--variant", action="append", choices=["auto", "single", "fp32"],
+    ap.add_argument("--variant", action="append", choices=["auto", "single", "fp32", "whole"],
                     help="auto (size search, the default) and/or single (one pass at the model's scale)")
+    ap.add_argument("--seed", type=int, action="append", help="only these seeds of the chosen set(s)")
     ap.add_argument("--workdir", default="out/bench_segment")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
@@ -260,7 +265,7 @@ def main() -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     sets = ["easy", "hard", "mixed"] if args.set == "all" else [args.set]
-    results = {name: run(models, workdir, name, args.variant or ["auto"]) for name in sets}
+    results = {name: run(models, workdir, name, args.variant or ["auto"], args.seed) for name in sets}
     for name in sets:
         print(summarise(results[name], name))
     if args.json:

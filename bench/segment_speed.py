@@ -3,7 +3,7 @@
 Each run is a fresh `python -m cryoves segment TOMO -o OUT` process (cold: no cached map, start-up
 included), alternating this source tree and the baseline's, on the same simulated synapse
 (200×400×400 at 22 Å, ~400 vesicles, by default). Printed per run: wall time, the seconds from
-process start to the network step, the manifest's per-step times, peak RSS of the main process
+process start to the first network tile, the manifest's per-step times, peak RSS of the main process
 and peak PSS of the whole process tree (main + post-processing workers; PSS splits shared pages,
 so the shared tomogram is counted once), then medians and ratios (baseline / this).
 
@@ -52,15 +52,15 @@ def _tree_pss(pid: int) -> int:
 
 
 def run_segment(src: Path, tomo: Path, out: Path, extra: list[str]) -> dict:
-    """One cold CLI run: wall time, seconds from process start to the network step (the
-    'step: predict' log line), the manifest's steps, peak RSS of the main process, peak PSS of
-    the process tree."""
+    """One cold CLI run: wall time, seconds from process start to the first network tile (the
+    progress bar of the tiles appears), the manifest's steps, peak RSS of the main process, peak
+    PSS of the process tree."""
     env = {**os.environ, "PYTHONPATH": str(src)}
     shutil.rmtree(out, ignore_errors=True)  # a folder from an earlier run would lend its cached map
     cmd = [sys.executable, "-m", "cryoves", "segment", str(tomo), "-o", str(out), *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    peak, to_network, lines = [0], [float("nan")], []
+    peak, to_network, to_step, lines = [0], [float("nan")], [float("nan")], []
     done = threading.Event()
 
     def watch() -> None:
@@ -69,8 +69,10 @@ def run_segment(src: Path, tomo: Path, out: Path, extra: list[str]) -> dict:
 
     def read() -> None:
         for line in proc.stdout:  # type: ignore[union-attr]
-            if "step: predict" in line and to_network[0] != to_network[0]:
+            if line.startswith("predict:") and to_network[0] != to_network[0]:
                 to_network[0] = time.perf_counter() - t0
+            if "step: predict" in line and to_step[0] != to_step[0]:
+                to_step[0] = time.perf_counter() - t0
             lines.append(line)
 
     threads = [threading.Thread(target=f, daemon=True) for f in (watch, read)]
@@ -88,6 +90,7 @@ def run_segment(src: Path, tomo: Path, out: Path, extra: list[str]) -> dict:
     return {
         "wall": wall,
         "to_network": to_network[0],
+        "to_step": to_step[0],
         "steps": man.get("timings_s", {}),
         "n": man.get("n_vesicles"),
         "rss": usage.ru_maxrss * 1024,
@@ -98,7 +101,8 @@ def run_segment(src: Path, tomo: Path, out: Path, extra: list[str]) -> dict:
 
 def _fmt(name: str, rep: int, r: dict) -> str:
     steps = ", ".join(f"{k} {v:.1f}" for k, v in r["steps"].items() if v >= 0.05)
-    return (f"{name:>8} run {rep}: {r['wall']:6.1f} s, {r['n']} vesicles, network reached after {r['to_network']:.2f} s, "
+    return (f"{name:>8} run {rep}: {r['wall']:6.1f} s, {r['n']} vesicles, predict step after {r['to_step']:.2f} s, "
+            f"first tile after {r['to_network']:.2f} s, "
             f"peak RSS {r['rss'] / 2**30:.2f} GiB, tree PSS {r['pss'] / 2**30:.2f} GiB ({r['precision']}); {steps}")
 
 
@@ -162,11 +166,13 @@ def main() -> None:
         for wt in worktrees:
             subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force", str(wt)], capture_output=True)
     med = {k: {"wall": statistics.median(r["wall"] for r in v), "rss": max(r["rss"] for r in v),
-               "pss": max(r["pss"] for r in v), "to_network": statistics.median(r["to_network"] for r in v)}
+               "pss": max(r["pss"] for r in v), "to_network": statistics.median(r["to_network"] for r in v),
+               "to_step": statistics.median(r["to_step"] for r in v)}
            for k, v in results.items()}
     input_gib = tomo.stat().st_size / 2**30
     for k, m in med.items():
-        print(f"{k:>11}: median {m['wall']:.1f} s, network reached after {m['to_network']:.2f} s, peak RSS "
+        print(f"{k:>11}: median {m['wall']:.1f} s, predict step after {m['to_step']:.2f} s (start-up, read, checksum), "
+              f"first tile after {m['to_network']:.2f} s (+ network input preparation), peak RSS "
               f"{m['rss'] / 2**30:.2f} GiB (limit 2.5 x input + 1 = {2.5 * input_gib + 1:.2f} GiB), tree PSS "
               f"{m['pss'] / 2**30:.2f} GiB")
     names = list(med)

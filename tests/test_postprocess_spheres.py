@@ -179,3 +179,26 @@ def test_bilayer_options_validated():
         FitOptions(thickness_weight=1.5)
     with pytest.raises(ParameterError):
         FitOptions(thickness_prior_nm=0)
+
+
+def test_a_fit_without_a_membrane_near_the_object_does_not_run_away(monkeypatch):
+    """When every profile puts the membrane at the edge of its search window (1.5x the guess), the
+    radius would grow by half per step, and the boxes (time, memory) with its cube: measured 12 s
+    and 4 GiB for one coarse-level fit. The fit gives up once the radius passes 4x its start."""
+    from cryoves.postprocess import spheres as sp
+
+    real = sp._membrane
+    guesses = []
+
+    def runaway(r, p, r_guess, opts):
+        m = real(r, p, r_guess, opts)
+        guesses.append(r_guess)
+        m.outer = 1.5 * r_guess + 3  # the edge of the search window, every time
+        return m
+
+    monkeypatch.setattr(sp, "_membrane", runaway)
+    sc = synthetic()
+    opts = sp._with_voxel_size(FitOptions(tol=0.0), sc.voxel_size)  # the centre keeps moving, as it did
+    with pytest.raises(sp.FitFailure, match="ran away"):
+        sp._fit(sc.intensity, sc.centres[0], 5.0, opts)
+    assert max(guesses) <= sp.MAX_RADIUS_GROWTH * 5 + 10  # no box was cut for the runaway radius

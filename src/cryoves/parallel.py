@@ -92,7 +92,15 @@ def _main_hidden() -> Iterator[None]:
             main.__dict__.update(saved)
 
 
+_pool_lock = threading.Lock()
+
+
 def _executor(n: int) -> ProcessPoolExecutor:
+    with _pool_lock:  # segmentations may run in several threads (napari)
+        return _executor_locked(n)
+
+
+def _executor_locked(n: int) -> ProcessPoolExecutor:
     global _pool, _pool_size
     if _pool is None or _pool_size != n:
         shutdown()
@@ -108,6 +116,8 @@ def _executor(n: int) -> ProcessPoolExecutor:
 def _init_worker(parent: int) -> None:
     """Workers end with the process that started them, even when it is killed: they would
     otherwise wait for work forever, holding its output pipes open."""
+    if os.name == "nt":  # no /proc, and os.kill(pid, 0) would terminate the parent there
+        return
     threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="cryoves-parent-watch").start()
 
 
@@ -134,9 +144,9 @@ def _alive(pid: int) -> bool:
 def shutdown() -> None:
     """Stop the worker processes (they are started again when needed)."""
     global _pool, _pool_size
-    if _pool is not None:
-        _pool.shutdown(wait=True, cancel_futures=True)
-    _pool, _pool_size = None, 0
+    pool, _pool, _pool_size = _pool, None, 0
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 atexit.register(shutdown)

@@ -72,7 +72,7 @@ def test_predict_blockwise_skips_the_same_vacuum(client, model):
     """A synapse in a thin slab: the blocks cover only the slab, as the single-process tiles do."""
     from _sim_utils import slab_sim
 
-    tomo = slab_sim(11).tomogram
+    tomo = slab_sim(11, shape=(128, 96, 96)).tomogram  # 384 nm box, 120 nm of ice
     kw = dict(device="cpu", tile=TILE, progress=False, precision="fp32")
     single = predict_tomogram(tomo, model, **kw)
     res = predict_blockwise(tomo, model, client, block=(48, 48, 48), **kw)

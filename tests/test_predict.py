@@ -273,7 +273,7 @@ def test_vacuum_above_and_below_the_slab_is_not_predicted():
     the cut) the map is the whole-volume map, outside it is 0."""
     from _sim_utils import slab_sim
 
-    tomo = slab_sim(11).tomogram
+    tomo = slab_sim(11, shape=(128, 96, 96)).tomogram  # 384 nm box, 120 nm of ice
     model = random_model(0)
     kw = dict(device="cpu", precision="fp32", progress=False, tile=64)
     skip = predict_tomogram(tomo, model, **kw)

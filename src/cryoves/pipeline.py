@@ -424,7 +424,7 @@ def _segment(
         import cc3d
 
         stage_labels["global_threshold"] = cc3d.connected_components(prob > threshold, connectivity=6)
-    labels, spheres, rej_adaptive, rej_fit = _objects(
+    _, spheres, rej_adaptive, rej_fit = _objects(  # the labels are not needed after the fits
         steps.run, prob, threshold, intensity, vs, levels[0].min_radius_nm, backend.fit_spheres,
         stage_labels if keep_stages else None,
     )
@@ -441,7 +441,7 @@ def _segment(
     per_level, rejected_parts = [vesicles], [rej_adaptive, rej_fit, rej_band, rej_repair]
     if len(levels) > 1:
         coarse = functools.partial(_coarse_level, tomo=tomo, model=model, cfg=cfg, intensity=intensity, cyto=cyto,
-                                   inverted=bool(pred_info.get("inverted")), thresholds=_threshold_candidates(cfg, model, pred_info),
+                                   thresholds=_threshold_candidates(cfg, model, pred_info),
                                    qc=qc)
         for k, lvl in enumerate(levels[1:], start=1):
             found = pd.concat([t.df for t in per_level], ignore_index=True)
@@ -451,7 +451,7 @@ def _segment(
             rejected_parts += rej
             pred_info.setdefault("coarse_levels", []).append(lvl_info)
         del coarse
-    del intensity, labels  # the fits are done: free their memory before rendering and writing
+    del intensity  # the fits are done: free the shared tomogram before rendering and writing
     held.close()
     pred_info["levels"] = [lvl.to_dict() for lvl in levels]
     vesicles, rej_merge = steps.run("merge_levels", 0.92, merge_levels, per_level, levels)
@@ -552,10 +552,10 @@ def _call(_name: str, _fraction: float, fn: Callable[..., Any], *args: Any, **kw
 
 def _coarse_level(
     lvl: Level, *, tomo: Tomogram, model: Any, cfg: SegmentConfig, intensity: np.ndarray, cyto: np.ndarray | None,
-    inverted: bool, thresholds: np.ndarray, qc: Callable[..., Any], known: VesicleTable,
+    thresholds: np.ndarray, qc: Callable[..., Any], known: VesicleTable,
 ) -> tuple[VesicleTable, list[pd.DataFrame], dict[str, Any]]:
     """The vesicles of one coarse pyramid level, fitted on the tomogram at its own voxel size."""
-    from cryoves.model import load_model
+    from cryoves.model import load_model, model_info
     from cryoves.postprocess.outliers import map_confidence
     from cryoves.postprocess.scales import coarse_candidates, coarse_objects, in_band
     from cryoves.postprocess.spheres import fit_spheres, fit_spheres_at
@@ -564,7 +564,11 @@ def _coarse_level(
 
     t0 = time.perf_counter()
     model = model if model is not None else load_model(cfg.model)
-    res = predict_tomogram(tomo, model, device=cfg.device, tta=cfg.tta, invert=inverted, precision=cfg.precision,
+    # the network input comes from the tomogram already in memory (dense = dark), not from the file:
+    # the same numbers (resampling commutes with the sign), no second copy of the tomogram's pages
+    src = Tomogram(intensity, tomo.voxel_size, tomo.origin)
+    inverted = model_info(model).polarity != "dense_dark"
+    res = predict_tomogram(src, model, device=cfg.device, tta=cfg.tta, invert=inverted, precision=cfg.precision,
                            vesicle_radius_nm=lvl.vesicle_radius_nm, on_model_grid=True, progress=False,
                            skip_vacuum=not cfg.whole_volume, region=_mask_box(cyto))
     prob = res.prob

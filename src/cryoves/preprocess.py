@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from cryoves.errors import InputError, ParameterError
-from cryoves.io.tomogram import Tomogram
+from cryoves.io.tomogram import Tomogram, release_pages
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def resample(
         i_lo = max(0, int(math.floor(c[0])) - margin)
         i_hi = min(nz, int(math.floor(c[-1])) + 2 + margin)
         block = np.asarray(volume[i_lo:i_hi], dtype=np.float32)
+        release_pages(volume)  # a memory-mapped input does not stay resident chunk after chunk
         if sig_z > 0:
             block = ndimage.gaussian_filter1d(block, sig_z, axis=0, mode="nearest")
         if nz == mz:

@@ -219,10 +219,15 @@ class Tomogram:
         return np.asarray(self.data, dtype=dtype)
 
     def release_pages(self) -> None:
-        """Drop this process's resident pages of a memory-mapped file (read again from the file
-        when needed), so that a pass over the whole tomogram does not keep it in memory; no-op
-        for arrays in memory."""
-        mm = getattr(self.data, "_mmap", None)
-        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            with contextlib.suppress(OSError, ValueError):
-                mm.madvise(mmap.MADV_DONTNEED)
+        """Drop this process's resident pages of a memory-mapped file (see :func:`release_pages`)."""
+        release_pages(self.data)
+
+
+def release_pages(arr: Any) -> None:
+    """Drop this process's resident pages of a memory-mapped array (read again from the file when
+    needed), so that a pass over a whole tomogram does not keep it in memory; no-op for arrays in
+    memory."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            mm.madvise(mmap.MADV_DONTNEED)

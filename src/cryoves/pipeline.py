@@ -424,10 +424,11 @@ def _segment(
         import cc3d
 
         stage_labels["global_threshold"] = cc3d.connected_components(prob > threshold, connectivity=6)
-    _, spheres, rej_adaptive, rej_fit = _objects(  # the labels are not needed after the fits
+    labels, spheres, rej_adaptive, rej_fit = _objects(
         steps.run, prob, threshold, intensity, vs, levels[0].min_radius_nm, backend.fit_spheres,
         stage_labels if keep_stages else None,
     )
+    del labels  # not needed after the fits: free it before the coarse levels
     spheres, rej_band = in_band(spheres, levels[0])
     spheres = spheres.with_df(spheres.df.assign(map_confidence=map_confidence(prob, spheres.centres, spheres.radii)))
     stage_tables: dict[str, VesicleTable] = {}

@@ -82,10 +82,9 @@ class PredictionResult:
 
 def use_all_cores() -> int:
     """Set torch's intra-op threads to the number of CPUs this process may use."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        n = os.cpu_count() or 1
+    from cryoves.parallel import cpu_count
+
+    n = cpu_count()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

@@ -11,7 +11,8 @@ CPU            bf16 with AMX, else fp32    bf16 where native (AVX512-BF16/AMX), 
 =============  ==========================  ==============================================
 
 Prediction on a CPU with AMX tiles (Sapphire Rapids and later) runs in bf16: 2.5–2.8× faster
-than fp32 there, and the vesicle tables agree (docs/benchmarks.md, "Speed"). Without AMX,
+than fp32 there; maps agree to mask Dice ≥ 0.998 and the vesicle tables up to borderline
+objects (docs/benchmarks.md, "Speed"). Without AMX,
 bf16 convolutions are not faster than fp32, so fp32 is kept (and maps are reproducible to the
 bit). Training takes bf16 wherever the hardware has it (about 2× faster steps on a bf16 CPU)
 and never fp16 (no loss scaling).

@@ -495,13 +495,9 @@ def _segment(
 
 def _mask_box(mask: np.ndarray | None) -> tuple[slice, ...] | None:
     """The bounding box of a region mask (the network runs only there); None without a mask."""
-    if mask is None:
-        return None
-    out = []
-    for ax in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))
-        out.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, 0))
-    return tuple(out)
+    from cryoves.postprocess._common import bounding_box
+
+    return None if mask is None else bounding_box(mask)
 
 
 def _intensity(tomo: Tomogram, inverted: bool, stack: contextlib.ExitStack) -> np.ndarray:

@@ -501,7 +501,8 @@ def network_box(
         zs = specimen_slab(grid, margin=DEFAULT_CONTEXT)
         if zs != slice(0, mshape[0]):
             log.info("specimen slab: model-grid slices %d-%d of %d (the rest is vacuum)", zs.start, zs.stop, mshape[0])
-        box[0] = slice(max(box[0].start, zs.start), max(max(box[0].start, zs.start), min(box[0].stop, zs.stop)))
+        start = max(box[0].start, zs.start)
+        box[0] = slice(start, max(start, min(box[0].stop, zs.stop)))
     return tuple(box)  # type: ignore[return-value]
 
 

@@ -79,6 +79,15 @@ def relabel(labels: np.ndarray, lut: np.ndarray, out: np.ndarray | None = None, 
     return out
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box holding every True voxel of ``mask`` (empty slices for an empty mask)."""
+    out = []
+    for ax in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
+        out.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, 0))
+    return tuple(out)
+
+
 def check_same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
     if a.shape != b.shape:
         raise InputError(f"{name_a} shape {a.shape} differs from {name_b} shape {b.shape}; resample one to the other")

@@ -30,6 +30,7 @@ from skimage.segmentation import watershed
 
 from cryoves.errors import ParameterError
 from cryoves.postprocess._common import (
+    bounding_box,
     check_volume,
     check_voxel_size,
     concat_rejected,
@@ -87,7 +88,7 @@ def _try_split(prob_box: np.ndarray, obj: np.ndarray, t0: float, min_piece: int)
     Only thresholds that remove voxels are tried, on the object's own bounding box (the same
     result as every threshold on the whole box, at a fraction of the cost).
     """
-    bb = _bbox(obj)
+    bb = bounding_box(obj)
     p, o = prob_box[bb], obj[bb]
     vals = np.sort(p[o].astype(np.float64))
     kept_before = -1
@@ -110,15 +111,6 @@ def _try_split(prob_box: np.ndarray, obj: np.ndarray, t0: float, min_piece: int)
             pieces = watershed(-prob_box.astype(np.float64), markers, mask=obj, connectivity=1)
             return pieces.astype(np.int32), float(th)
     return None
-
-
-def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
-    """The smallest box holding every True voxel of a non-empty ``mask``."""
-    out = []
-    for ax in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
-        out.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(out)
 
 
 def _distance_inside(mask: np.ndarray, z_scale: float = 1.0) -> np.ndarray:

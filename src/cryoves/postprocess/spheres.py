@@ -772,13 +772,11 @@ def _fit_items(
 
     keys = [_item_key(it) for it in items]
     cache = {} if cache is None else cache
-    todo = [it for it, k in zip(items, keys, strict=True) if k not in cache]
+    todo = {k: it for it, k in zip(items, keys, strict=True) if k not in cache}  # one fit per start
     with parallel.shared(intensity, parallel.workers() > 1 and len(todo) > 1) as volume:
-        tasks = [(volume, chunk, opts) for chunk in parallel.chunks(todo)]
+        tasks = [(volume, chunk, opts) for chunk in parallel.chunks(list(todo.values()))]
         done = parallel.pmap(_fit_task, tasks, progress="fitting spheres" if progress else None)
-    for chunk, outcomes in zip(tasks, done, strict=True):
-        for it, out in zip(chunk[1], outcomes, strict=True):
-            cache[_item_key(it)] = out
+    cache.update(zip(todo, (out for outcomes in done for out in outcomes), strict=True))
     ids, fits, rejected = [], [], []
     for (i, cen, r0, _), key in zip(items, keys, strict=True):
         out = cache[key]

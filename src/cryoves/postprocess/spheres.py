@@ -199,68 +199,42 @@ def _extract_masked(
     cs, rs = np.asarray(others[0], float), np.asarray(others[1], float)
     gap = np.linalg.norm(np.clip(cs, lo, hi) - cs, axis=1) - rs
     near = gap < reach
-    if not near.any():
-        return box, origin
-    g = [np.arange(n, dtype=np.float32) + np.float32(o) for o in origin]
-    gz, gy, gx = g[0][:, None, None], g[1][None, :, None], g[2][None, None, :]
-    own = np.sqrt((gz - centre[0]) ** 2 + (gy - centre[1]) ** 2 + (gx - centre[2]) ** 2) - np.float32(radius)
-    for c, r in zip(cs[near], rs[near]):
-        # masked voxels lie within reach + r of c: only that part of the box is computed
-        ext = reach + r
-        a = np.maximum(np.floor(c - ext).astype(int) - lo, 0)
-        b = np.minimum(np.ceil(c + ext).astype(int) - lo + 1, n)
-        if np.any(b <= a):
-            continue
-        sl = tuple(slice(i, j) for i, j in zip(a, b))
-        # |x - c| - r < own  <=>  |x - c|^2 < (own + r)^2 where own + r > 0
-        lim = own[sl] + np.float32(r)
-        cz, cy, cx = (np.float32(v) for v in c)
-        d2 = (gz[sl[0]] - cz) ** 2 + (gy[:, sl[1]] - cy) ** 2 + (gx[:, :, sl[2]] - cx) ** 2
-        sub = box[sl]
-        sub[(lim > 0) & (d2 < lim * lim)] = np.nan
+    if near.any():
+        from cryoves.postprocess import _fit_kernels  # numba: imported where first needed
+
+        _fit_kernels.mask_neighbours(box, origin, np.asarray(centre, float), float(radius), reach,
+                                     np.ascontiguousarray(cs[near]), np.ascontiguousarray(rs[near]))
     return box, origin
 
 
 class _Geometry:
-    """Distances and weights of box voxels around a fractional centre."""
+    """Distances of the box voxels to a fractional centre, the voxels used (finite, within the box's
+    inscribed sphere) and those used for centring (caps excluded when asked), with the radial
+    profiles of both."""
 
     def __init__(self, box: np.ndarray, origin: np.ndarray, centre: np.ndarray, opts: FitOptions):
+        from cryoves.postprocess import _fit_kernels  # numba: imported where first needed
+
         n = box.shape[0]
         half = (n - 1) / 2.0
-        g = [np.arange(n, dtype=np.float64) + o - c for o, c in zip(origin, centre)]
-        dz, dy, dx = g[0][:, None, None], g[1][None, :, None], g[2][None, None, :]
-        self.offsets = (dz, dy, dx)
-        self.d = np.sqrt(dz**2 + dy**2 + dx**2)
-        self.valid = np.isfinite(box) & (self.d <= half)
-        w = self.valid.astype(np.float64)
-        self.w = w  # profile weights: all directions (radius, features)
-        self.w_cc = w  # centring weights: caps excluded when asked
-        if opts.wedge_cap_deg > 0:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                cosz = np.abs(np.broadcast_to(dz, self.d.shape)) / self.d
-            cap = (cosz > np.cos(np.deg2rad(opts.wedge_cap_deg))) & (self.d > 1.0)
-            self.w_cc = np.where(cap, 0.0, w)
+        self.origin = np.asarray(origin, np.int64)
+        self.centre = np.asarray(centre, np.float64)
+        self.offsets = tuple(
+            (np.arange(n, dtype=np.float64) + o - c).reshape(shape)
+            for o, c, shape in zip(origin, centre, ((n, 1, 1), (1, n, 1), (1, 1, n)))
+        )
+        cap_cos = np.cos(np.deg2rad(opts.wedge_cap_deg)) if opts.wedge_cap_deg > 0 else 2.0
+        self.bin_width = bw = float(opts.bin_width)
+        nb = int(np.floor(half / bw)) + 2
+        self.d, self.valid, self.valid_cc, s, c, s_cc, c_cc = _fit_kernels.geometry(
+            box, self.origin, self.centre, half, cap_cos, bw, nb)
+        if opts.wedge_cap_deg <= 0:
+            self.valid_cc = self.valid
+        self.radii = np.arange(nb) * bw
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.profile = np.where(c > 0.5, s / c, np.nan)
+            self.profile_cc = np.where(c_cc > 0.5, s_cc / c_cc, np.nan)
         self.rmax = half
-
-
-def _radial_profile(
-    box: np.ndarray, geo: _Geometry, bw: float, centring: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Radial profile (radii, mean intensity) in bins of ``bw`` voxels; NaN where a bin is empty."""
-    wts = geo.w_cc if centring else geo.w
-    sel = wts > 0
-    f = geo.d[sel] / bw
-    k = np.floor(f).astype(np.int64)
-    fr = f - k
-    w = wts[sel]
-    v = box[sel].astype(np.float64)
-    nb = int(np.floor(geo.rmax / bw)) + 2
-    s = np.bincount(k, w * (1 - fr) * v, nb) + np.bincount(k + 1, w * fr * v, nb)
-    c = np.bincount(k, w * (1 - fr), nb) + np.bincount(k + 1, w * fr, nb)
-    s, c = s[:nb], c[:nb]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = np.where(c > 0.5, s / c, np.nan)
-    return np.arange(nb) * bw, p
 
 
 def _parabola(y0: float, y1: float, y2: float) -> float:
@@ -406,13 +380,12 @@ def _cc_shift(
     good = np.isfinite(p)
     if good.sum() < 2:
         raise FitFailure("no radial profile around the centre (box outside the data)")
-    a = np.interp(geo.d, r[good], p[good])
-    sel = (geo.w_cc > 0) & (geo.d <= window)
-    if sel.sum() < 10:
+    from cryoves.postprocess import _fit_kernels
+
+    filled = np.interp(r, r[good], p[good])
+    a, b, count = _fit_kernels.cc_inputs(box, geo.d, geo.valid_cc, float(window), filled, float(r[1] - r[0]))
+    if count < 10:
         raise FitFailure("too few voxels around the membrane to centre the vesicle")
-    a = np.where(sel, a - a[sel].mean(), 0.0)
-    valid = np.isfinite(box)
-    b = np.where(valid, box - box[valid].mean(), 0.0)
     # zero-padded to a fast length: linear (not circular) correlation for the small shifts we need
     n = sfft.next_fast_len(box.shape[0] + max_step, real=True)
     shape = (n, n, n)
@@ -444,19 +417,15 @@ def _gn_shift(box: np.ndarray, geo: _Geometry, r: np.ndarray, p: np.ndarray, win
         raise FitFailure("no radial profile around the centre (box outside the data)")
     ps = gaussian_filter1d(np.interp(r, r[good], p[good]), 1.0, mode="nearest")
     dp = np.gradient(ps, r[1] - r[0])
-    sel = (geo.w_cc > 0) & (geo.d <= window) & (geo.d > 0.5)
-    if sel.sum() < 10:
+    from cryoves.postprocess import _fit_kernels
+
+    jtj, jtr, count = _fit_kernels.gauss_newton_sums(box, geo.d, geo.valid_cc, geo.origin, geo.centre, float(window),
+                                                     float(r[1] - r[0]), ps, dp)
+    if count < 10:
         raise FitFailure("too few voxels around the membrane to centre the vesicle")
-    d = geo.d[sel]
-    model = np.interp(d, r, ps)
-    grad = np.interp(d, r, dp)
-    unit = np.stack([np.broadcast_to(o, geo.d.shape)[sel] for o in geo.offsets], axis=1) / d[:, None]
-    jac = -grad[:, None] * unit
-    res = box[sel].astype(np.float64) - model
-    jtj = jac.T @ jac
     if not np.all(np.isfinite(jtj)) or np.linalg.cond(jtj) > 1e8:
         return np.zeros(3)
-    step = np.linalg.solve(jtj, jac.T @ res)
+    step = np.linalg.solve(jtj, jtr)
     norm = np.linalg.norm(step)
     return step if norm <= 1.0 else step / norm  # trust region of one voxel
 
@@ -466,7 +435,7 @@ def _coverage(box: np.ndarray, geo: _Geometry, mem: _Membrane) -> float:
     seen: the shell around the membrane centre is darker than just outside by at least half the mean
     depth. About 1 for a vesicle; much lower for a tube or a flat membrane fitted as a sphere."""
     half_t = max(0.5 * (mem.outer - mem.inner), 0.75)
-    ok = geo.w_cc > 0
+    ok = geo.valid_cc
     shell = ok & (np.abs(geo.d - mem.r_min) <= half_t)
     out = ok & (geo.d >= mem.outer + 1.0) & (geo.d <= mem.outer + 1.0 + max(2.0, 2.0 * half_t))
     sel = shell | out
@@ -525,7 +494,7 @@ def _fit(
     for it in range(1, opts.max_iter + 1):  # noqa: B007 - the last value is reported as n_iter
         box, origin = _extract_masked(volume, c, r_cur, _half_size(r_cur, opts), others)
         geo = _Geometry(box, origin, c, opts)
-        r, p = _radial_profile(box, geo, opts.bin_width)
+        r, p = geo.radii, geo.profile
         mem = _membrane(r, p, r_cur, opts)
         r_cur = mem.outer
         if r_cur > MAX_RADIUS_GROWTH * max(radius, 2.0) + 10.0:
@@ -534,8 +503,7 @@ def _fit(
             raise FitFailure(f"the radius ran away from the object ({r_cur:.0f} voxels from a start of {radius:.0f}): "
                              "no membrane near it")
         last = (box, geo, r, p, mem)
-        if geo.w_cc is not geo.w:  # the rotational average used for centring sees no caps either
-            r, p = _radial_profile(box, geo, opts.bin_width, centring=True)
+        p = geo.profile_cc  # the rotational average used for centring sees no caps either
         window = r_cur + max(3.0, 0.3 * r_cur)
         use_gn = opts.refine == "gauss_newton"
         if opts.refine == "auto":
@@ -560,13 +528,13 @@ def _fit(
     else:
         box, origin = _extract_masked(volume, c, r_cur, _half_size(r_cur, opts), others)
         geo = _Geometry(box, origin, c, opts)
-        r, p = _radial_profile(box, geo, opts.bin_width)
+        r, p = geo.radii, geo.profile
         mem = _membrane(r, p, r_cur, opts)
     if final_opts is not opts:
         mem = _membrane(r, p, mem.outer, final_opts)
     good = np.isfinite(p)
     a = np.interp(geo.d, r[good], p[good])
-    sel = (geo.w > 0) & (geo.d <= mem.outer + 2)
+    sel = geo.valid & (geo.d <= mem.outer + 2)
     coverage = _coverage(box, geo, mem)
     if sel.any():
         rms = float(np.sqrt(np.mean((box[sel] - a[sel]) ** 2)))

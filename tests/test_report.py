@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -68,3 +69,28 @@ def test_radius_histogram_goes_log_for_several_populations(tmp_path):
     assert not radius_bins(sv)[1]
     df = pd.DataFrame({"radius_nm": np.r_[sv, large], "detection_voxel_nm": [2.2] * 50 + [6.6] * 6})
     assert plot_radius_histogram(df, tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_report_uses_the_volume_given_and_negates_lazily(seg_dir, tmp_path):
+    import shutil
+
+    from cryoves.io import read_tomogram
+    from cryoves.report import _Negated, plot_gallery
+
+    d, out = seg_dir
+    vol = read_tomogram(d / "tomo.mrc").asarray()
+    copy = tmp_path / "seg"
+    shutil.copytree(out, copy)
+    (copy / "report.html").unlink()
+    # the manifest names a tomogram that is gone: only the volume given can be used
+    manifest = (copy / "manifest.json").read_text().replace(str(d / "tomo.mrc"), str(tmp_path / "gone.mrc"))
+    (copy / "manifest.json").write_text(manifest)
+    with pytest.raises(InputError, match="not found"):
+        make_report(copy)
+    assert make_report(copy, volume=vol).stat().st_size > 10_000
+    neg = _Negated(vol)
+    assert neg.shape == vol.shape and np.array_equal(neg[3, 2:9], -vol[3, 2:9])
+    table = pd.read_csv(out / "vesicles.csv")
+    plot_gallery(neg, table, tmp_path / "a.png")
+    plot_gallery(-vol, table, tmp_path / "b.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()

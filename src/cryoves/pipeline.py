@@ -489,7 +489,7 @@ def _segment(
             manifest,
         )
         if cfg.report and tomo.path is not None:
-            steps.run("report", 0.99, _write_report, out)
+            steps.run("report", 0.99, _write_report, out, tomo.data)
     return SegmentResult(vesicles, rejected, prob, final_labels, manifest, out, stage_labels, stage_tables)
 
 
@@ -669,11 +669,12 @@ def _write_result_files(
     return written
 
 
-def _write_report(out: Path) -> None:
-    """The QC report is a view of a complete result: a failure here is logged, the result stays valid."""
+def _write_report(out: Path, volume: Any = None) -> None:
+    """The QC report is a view of a complete result: a failure here is logged, the result stays valid.
+    ``volume``: the tomogram's voxels in memory (not read again)."""
     from cryoves.report import make_report
 
     try:
-        make_report(out)
+        make_report(out, volume=volume)
     except Exception as exc:  # noqa: BLE001 - the report must never invalidate a finished segmentation
         log.warning("QC report not written: %s (run 'cryoves report %s' to retry)", exc, out)

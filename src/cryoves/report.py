@@ -42,9 +42,10 @@ def _plt():
     return plt
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _save(fig: Any, path: Path, tight: bool = True) -> Path:
+    """Write ``fig`` as PNG; ``tight=False`` for figures laid out by hand (a tight box costs a draw)."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=110, bbox_inches="tight" if tight else None, format="png")
     _plt().close(fig)
     return path
 
@@ -155,8 +156,10 @@ def plot_gallery(volume: np.ndarray, vesicles: pd.DataFrame, path: Path, n: int 
         a_pr.set_title(f"r={v.radius:.1f} vx, score={v._score:.2g}", fontsize=7)
         a_pr.tick_params(labelsize=6)
     fig.suptitle("worst-scored vesicles (flagged, then highest QC score first): XY, XZ, radial profile (red: fitted radius)")
-    fig.tight_layout()
-    return _save(fig, path)
+    # fixed margins: tight_layout and a tight bounding box over ~50 axes took 0.7 of the gallery's 1.7 s
+    height = rows * 2.2  # inches
+    fig.subplots_adjust(left=0.01, right=0.995, bottom=0.3 / height, top=1 - 0.65 / height, wspace=0.25, hspace=0.45)
+    return _save(fig, path, tight=False)
 
 
 def _levels_table(manifest: dict, vesicles: pd.DataFrame) -> pd.DataFrame:
@@ -247,6 +250,17 @@ def _nm_per_voxel(df: pd.DataFrame) -> float:
     return float((df.loc[ok, "radius_nm"] / df.loc[ok, "radius"]).median()) if ok.any() else 1.0
 
 
+class _Negated:
+    """``-volume``, computed only for the parts the figures read (no copy of the whole tomogram)."""
+
+    def __init__(self, volume: Any):
+        self._volume = volume
+        self.shape = volume.shape
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return -np.asarray(self._volume[index])
+
+
 def _img_tag(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
@@ -275,8 +289,12 @@ def make_report(
     tomogram: str | os.PathLike | None = None,
     ground_truth: str | os.PathLike | None = None,
     analysis: bool = True,
+    volume: Any = None,
 ) -> Path:
-    """Write ``outdir/report.html`` and ``outdir/report/*.png`` for a segmentation folder; return the HTML path."""
+    """Write ``outdir/report.html`` and ``outdir/report/*.png`` for a segmentation folder; return the HTML path.
+
+    ``volume``: the segmented tomogram's voxels, already at hand (an array or memory map, as in the
+    file): the tomogram is then not read again."""
     from cryoves.io import read_tomogram
 
     outdir = Path(outdir)
@@ -289,11 +307,12 @@ def make_report(
     result = open_result(outdir)
     manifest, table, rejected, vs = result.manifest, result.vesicles, result.rejected.df, result.voxel_size_a
     tomo_path = tomogram or result.tomogram_path
-    if not tomo_path or not Path(tomo_path).exists():
-        raise InputError(f"tomogram {tomo_path} not found; pass --tomogram PATH")
-    volume = read_tomogram(tomo_path, voxel_size=vs).asarray()
+    if volume is None:
+        if not tomo_path or not Path(tomo_path).exists():
+            raise InputError(f"tomogram {tomo_path} not found; pass --tomogram PATH")
+        volume = read_tomogram(tomo_path, voxel_size=vs).data
     if manifest.get("prediction", {}).get("inverted"):
-        volume = -volume  # show dense = dark, as the fits saw it
+        volume = _Negated(volume)  # show dense = dark, as the fits saw it
     figdir = outdir / REPORT_DIR
     figdir.mkdir(exist_ok=True)
     df = table.df

@@ -148,3 +148,29 @@ def test_workers_end_when_their_process_is_killed(tmp_path):
             pass  # already gone
     _, alive = psutil.wait_procs(procs, timeout=10)
     assert not alive, alive
+
+
+def test_block_threads_give_the_numbers_of_one_thread(monkeypatch):
+    """resample, the specimen-slab search and the value statistics run their blocks on threads:
+    the results must be those of one thread, to the bit."""
+    from cryoves import preprocess
+    from cryoves.io import tomogram
+    from cryoves.io.tomogram import value_stats
+    from cryoves.preprocess import resample, specimen_slab
+
+    assert parallel.thread_map(lambda i: i * i, range(40)) == [i * i for i in range(40)]
+    monkeypatch.setattr(preprocess, "_CHUNK_VOXELS", 1 << 15)  # many chunks of a few slices
+    monkeypatch.setattr(tomogram, "_slab_depth", lambda shape, itemsize: 7)
+    rng = np.random.default_rng(3)
+    vol = rng.normal(size=(90, 96, 96)).astype(np.float32)
+    vol[20:70] += 3 * rng.normal(size=(50, 96, 96)).astype(np.float32)  # a slab with more texture
+    runs = {}
+    for n in (1, 2):
+        parallel.set_workers(n)
+        try:
+            runs[n] = (resample(vol, (0.45, 0.5, 0.7)), specimen_slab(vol, 4), value_stats(vol))
+        finally:
+            parallel.set_workers(None)
+    assert np.array_equal(runs[1][0], runs[2][0])
+    assert runs[1][1] == runs[2][1] != slice(0, 90)
+    assert runs[1][2] == runs[2][2]

@@ -103,7 +103,8 @@ def resample(
     plane = max(1, shape[1] * shape[2])
     per_out = max(1.0, nz / mz)
     step = max(1, int((_CHUNK_VOXELS / plane - 2 * margin) / per_out))
-    for j0 in range(0, mz, step):
+
+    def chunk(j0: int) -> None:
         j1 = min(mz, j0 + step)
         c = np.clip(zc[j0:j1], 0, nz - 1)
         i_lo = max(0, int(math.floor(c[0])) - margin)
@@ -124,6 +125,10 @@ def resample(
                 block = ndimage.gaussian_filter1d(block, _aa_sigma(n, m), axis=axis, mode="nearest")
             block = _interp_axis(block, axis, _axis_coords(n, m), order)
         out[j0:j1] = block
+
+    from cryoves import parallel
+
+    parallel.thread_map(chunk, range(0, mz, step))  # chunks on several threads: the same numbers
     return out
 
 
@@ -333,11 +338,14 @@ def specimen_slab(volume: Any, margin: int = 12, *, blocks: int = SLAB_BLOCKS) -
         return slice(0, nz)
     yb = np.linspace(0, ny, blocks + 1).astype(int)
     xb = np.linspace(0, nx, blocks + 1).astype(int)
-    prof = np.empty((blocks * blocks, nz))
-    for z in range(nz):
+    from cryoves import parallel
+
+    def texture(z: int) -> list[float]:
         sl = np.asarray(volume[z], dtype=np.float32)
         hp = sl - ndimage.gaussian_filter(sl, 4.0)
-        prof[:, z] = [hp[yb[i] : yb[i + 1], xb[j] : xb[j + 1]].std() for i in range(blocks) for j in range(blocks)]
+        return [hp[yb[i] : yb[i + 1], xb[j] : xb[j + 1]].std() for i in range(blocks) for j in range(blocks)]
+
+    prof = np.array(parallel.thread_map(texture, range(nz)), dtype=np.float64).T
     lo, hi = nz, 0
     for p in ndimage.gaussian_filter1d(prof, 2.0, axis=1, mode="nearest"):
         base, top = float(p.min()), float(np.percentile(p, 90))

@@ -149,22 +149,28 @@ def value_stats(data: Any) -> dict[str, Any]:
     shape = tuple(int(s) for s in data.shape)
     dtype = np.dtype(data.dtype)
     depth = _slab_depth(shape, dtype.itemsize)
-    lo, hi, n, total, total2, bad = np.inf, -np.inf, 0, 0.0, 0.0, 0
-    for z0 in range(0, shape[0] if shape else 0, depth):
+    from cryoves import parallel
+
+    def slab(z0: int) -> tuple[float, float, int, float, float, int]:
         block = np.asarray(data[z0 : z0 + depth])
+        bad = 0
         if dtype.kind == "f":
             finite = np.isfinite(block)
             nfin = int(np.count_nonzero(finite))
-            bad += int(block.size - nfin)
+            bad = int(block.size - nfin)
             if nfin < block.size:
                 block = block[finite]
         if block.size == 0:
-            continue
+            return np.inf, -np.inf, 0, 0.0, 0.0, bad
         b64 = block.astype(np.float64, copy=False)
-        lo, hi = min(lo, float(b64.min())), max(hi, float(b64.max()))
-        n += b64.size
-        total += float(b64.sum())
-        total2 += float(np.square(b64).sum())
+        return float(b64.min()), float(b64.max()), b64.size, float(b64.sum()), float(np.square(b64).sum()), bad
+
+    lo, hi, n, total, total2, bad = np.inf, -np.inf, 0, 0.0, 0.0, 0
+    # slabs on several threads, combined in z order: the numbers of a sequential pass
+    for s_lo, s_hi, s_n, s_total, s_total2, s_bad in parallel.thread_map(slab, range(0, shape[0] if shape else 0, depth)):
+        lo, hi, n, bad = min(lo, s_lo), max(hi, s_hi), n + s_n, bad + s_bad
+        total += s_total
+        total2 += s_total2
     if n == 0:
         return {"min": float("nan"), "max": float("nan"), "mean": float("nan"), "std": float("nan"),
                 "nonfinite": bad}

@@ -174,3 +174,15 @@ def test_block_threads_give_the_numbers_of_one_thread(monkeypatch):
     assert np.array_equal(runs[1][0], runs[2][0])
     assert runs[1][1] == runs[2][1] != slice(0, 90)
     assert runs[1][2] == runs[2][2]
+
+
+def test_warm_up_starts_the_workers_in_the_background(two_workers):
+    import threading
+
+    parallel.shutdown()
+    parallel.warm_up()  # returns at once; the thread starts the pool
+    starters = [t for t in threading.enumerate() if t.name == "cryoves-warm-up"]
+    for t in starters:
+        t.join(60)
+    assert parallel._pool is not None
+    assert os.getpid() not in parallel.pmap(_pid, list(range(4)))

@@ -78,18 +78,23 @@ def workers() -> int:
 def _main_hidden() -> Iterator[None]:
     """Start workers without the caller's ``__main__``: a new worker would otherwise run the
     caller's script again (a script without an ``if __name__ == "__main__"`` guard would start a
-    segmentation in every worker). The workers only run cryoves functions."""
-    main = sys.modules.get("__main__")
-    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
-    try:
-        if main is not None:
-            main.__dict__.pop("__file__", None)
-            if "__spec__" in saved:
-                main.__spec__ = None
-        yield
-    finally:
-        if main is not None:
-            main.__dict__.update(saved)
+    segmentation in every worker). The workers only run cryoves functions. One thread at a time
+    (the background warm-up and a map may start workers together)."""
+    with _hide_lock:
+        main = sys.modules.get("__main__")
+        saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+        try:
+            if main is not None:
+                main.__dict__.pop("__file__", None)
+                if "__spec__" in saved:
+                    main.__spec__ = None
+            yield
+        finally:
+            if main is not None:
+                main.__dict__.update(saved)
+
+
+_hide_lock = threading.RLock()
 
 
 _pool_lock = threading.Lock()
@@ -153,12 +158,17 @@ atexit.register(shutdown)
 
 
 def warm_up() -> None:
-    """Start the workers now (in the background of the caller's next step) when there are several."""
+    """Start the workers in the background of the caller's next step when there are several
+    (starting them takes ~1.3 s here: the server process imports the post-processing modules)."""
     n = workers()
     if n > 1:
-        with contextlib.suppress(OSError, RuntimeError), _main_hidden():
-            for _ in range(n):
-                _executor(n).submit(int)
+        threading.Thread(target=_start, args=(n,), daemon=True, name="cryoves-warm-up").start()
+
+
+def _start(n: int) -> None:
+    with contextlib.suppress(OSError, RuntimeError), _main_hidden():
+        for _ in range(n):
+            _executor(n).submit(int)
 
 
 def pmap(fn: Callable[[Any], Any], tasks: Sequence[Any], *, min_tasks: int = 2, progress: str | None = None) -> list[Any]:

@@ -24,6 +24,7 @@ from cryoves.predict import (
     plan_tiles,
     predict_array,
     predict_tomogram,
+    tile_shape,
 )
 
 
@@ -52,9 +53,26 @@ def test_tiled_prediction_equals_whole_volume_forward():
     x = vesicle_volume((60, 64, 68), seed=1)
     x = (x - x.mean()) / x.std()
     whole = _whole(net, x)  # sizes are multiples of 4, so the whole forward pass is defined
-    tiled = predict_array(net, x, tile=56, progress=False)
-    assert len(plan_tiles(x.shape, 56)) >= 8
+    stats: dict = {}
+    tiled = predict_array(net, x, tile=56, progress=False, stats=stats)
+    assert stats["tiles"] >= 4 and stats["tile_shape"] != [56, 56, 56]  # not cubes: fewer input voxels
     np.testing.assert_allclose(tiled, whole, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape,tile", [((211, 400, 400), 160), ((60, 64, 68), 56), ((300, 300, 300), 96),
+                                        ((100, 50, 800), 60), ((30, 30, 30), 160)])
+def test_tile_shape_needs_fewer_input_voxels_in_the_same_memory(shape, tile):
+    sides = tile_shape(shape, tile)
+    tiles, cubes = plan_tiles(shape, sides), plan_tiles(shape, tile)
+    assert max(int(np.prod(t.shape)) for t in tiles) <= tile**3  # the memory of a tile³ cube
+    assert sum(int(np.prod(t.shape)) for t in tiles) <= sum(int(np.prod(t.shape)) for t in cubes)
+    covered = np.zeros(shape, np.uint8)
+    for t in tiles:
+        covered[t.keep] += 1
+    assert (covered == 1).all()
+    if shape == (211, 400, 400):  # a slab: one tile deep, 18 % less input than 160³ cubes
+        assert sides[0] == 212
+        assert sum(int(np.prod(t.shape)) for t in tiles) < 0.85 * sum(int(np.prod(t.shape)) for t in cubes)
 
 
 def test_prediction_is_shift_equivariant_away_from_borders():

@@ -207,6 +207,38 @@ class Tile:
         )
 
 
+def tile_shape(shape: Sequence[int], tile: int, context: int = DEFAULT_CONTEXT, divisor: int = 4) -> tuple[int, int, int]:
+    """Tile sides (z, y, x) for a volume of ``shape``: at most the voxels of a ``tile``³ cube (the
+    same activation memory), with the fewest network input voxels over all tiles. Every boundary
+    between two tiles costs twice the context, so a 160-slice slab is better covered by tiles as
+    deep as the slab and narrower in-plane than by 160³ cubes (measured on the 200×400×400 speed
+    tomogram: 18 % fewer input voxels). Tiling is exact: the map does not depend on the sides."""
+    per_axis = []
+    for n in shape:
+        padded = -(-int(n) // divisor) * divisor
+        smallest: dict[int, tuple[int, int, int]] = {}  # tiles -> (side, longest input, total input)
+        for t in range(2 * context + divisor, max(padded, 2 * context + divisor) + 1, divisor):
+            plan = plan_axis(int(n), t, context, divisor)
+            if len(plan) not in smallest:
+                smallest[len(plan)] = (t, max(hi - lo for lo, hi, _, _ in plan), sum(hi - lo for lo, hi, _, _ in plan))
+        per_axis.append(list(smallest.values()))
+    budget = int(tile) ** 3
+    best = None
+    for tz, lz, cz in per_axis[0]:
+        for ty, ly, cy in per_axis[1]:
+            if lz * ly * (2 * context + divisor) > budget:
+                continue
+            for tx, lx, cx in per_axis[2]:
+                if lz * ly * lx > budget:
+                    continue
+                key = (cz * cy * cx, -lz * ly * lx)  # fewest input voxels, then the largest tiles
+                if best is None or key < best[0]:
+                    best = (key, (tz, ty, tx))
+    if best is None:  # a tile smaller than the smallest useful one on every axis: keep the cube
+        return (int(tile),) * 3
+    return best[1]
+
+
 def plan_tiles(shape: Sequence[int], tile: int | Sequence[int], context: int = DEFAULT_CONTEXT) -> list[Tile]:
     """All tiles for a volume of ``shape`` (z, y, x), tile side ``tile`` (scalar or per axis)."""
     t = np.broadcast_to(np.asarray(tile, dtype=int), (3,))
@@ -334,9 +366,10 @@ def predict_array(
     fused = net if prepared else prepare_network(net, dev, precision)
     while True:
         try:
-            n = _run_tiles(fused, volume, out, dev, precision, tile, context, batch_size, int(tta), progress)
+            n, sides = _run_tiles(fused, volume, out, dev, precision, tile, context, batch_size, int(tta), progress)
             if stats is not None:
-                stats.update(tile=int(tile), batch_size=int(batch_size), tiles=n, context=int(context))
+                stats.update(tile=int(tile), tile_shape=list(sides), batch_size=int(batch_size), tiles=n,
+                             context=int(context))
             return out
         except torch.cuda.OutOfMemoryError:
             if tile // 2 <= 2 * context:
@@ -349,14 +382,15 @@ def predict_array(
             log.warning("CUDA out of memory; retrying with tile %d", tile)
 
 
-def _run_tiles(fused, volume, out, dev, precision, tile, context, batch_size, tta, progress) -> int:
+def _run_tiles(fused, volume, out, dev, precision, tile, context, batch_size, tta, progress) -> tuple[int, tuple]:
     from tqdm.auto import tqdm
 
-    tiles = plan_tiles(volume.shape, tile, context)
+    sides = tile_shape(volume.shape, tile, context)
+    tiles = plan_tiles(volume.shape, sides, context)
     bar = tqdm(total=len(tiles), desc="predict", unit="tile", disable=not progress, leave=False)
     predict_tiles(fused, volume, tiles, out, dev, precision, tta, batch_size, on_batch=bar.update)
     bar.close()
-    return len(tiles)
+    return len(tiles), sides
 
 
 def predict_tiles(

@@ -38,6 +38,16 @@ def rejected_frame(
     )
 
 
+def rejected_rows(rows: Iterable[tuple[int, np.ndarray, float, str]], step: str) -> pd.DataFrame:
+    """A rejected-vesicles table from (id, centre (z, y, x), radius, reason) rows, voxels: one
+    frame for many rows (a frame per row costs ~2 ms each)."""
+    rows = list(rows)
+    if not rows:
+        return rejected_frame()
+    ids, centres, radii, reasons = zip(*rows)
+    return rejected_frame(ids, np.array(centres, dtype=float), radii, step, reasons)
+
+
 def concat_rejected(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
     """Concatenate rejected tables, keeping the column order (an empty list gives an empty table)."""
     frames = [f for f in frames if len(f)]

@@ -33,8 +33,7 @@ from cryoves.postprocess._common import (
     bounding_box,
     check_volume,
     check_voxel_size,
-    concat_rejected,
-    rejected_frame,
+    rejected_rows,
     relabel,
     sphere_pairs,
 )
@@ -386,7 +385,7 @@ def label_vesicles(
         opts["expand_pad"] = int(np.ceil(2 * min_r_vox)) + 2
         n = _expand(prob, labels, threshold, min_vol, opts)
         log.info("grew %d partly detected objects", n)
-    rejected = []
+    rejected: list[tuple[int, np.ndarray, float, str]] = []
     objs = _objects(labels)
     drop = np.zeros(int(labels.max()) + 1, dtype=bool)
     for o in objs:
@@ -405,13 +404,13 @@ def label_vesicles(
             reason = f"extent {o.extent:.2f} above {extent_range[1]:g} (not ball-like)"
         if reason:
             drop[o.id] = True
-            rejected.append(rejected_frame([o.id], o.centroid[None], [_equiv_radius(o.volume)], "label", [reason]))
+            rejected.append((o.id, o.centroid, _equiv_radius(o.volume), reason))
     if drop.any():
         keep = np.arange(len(drop), dtype=labels.dtype)
         keep[drop] = 0
         relabel(labels, keep, out=labels)
     log.info("%d objects kept, %d discarded", len(objs) - int(drop.sum()), int(drop.sum()))
-    return labels, concat_rejected(rejected)
+    return labels, rejected_rows(rejected, "label")
 
 
 def rejoin_duplicate_pieces(

@@ -69,8 +69,7 @@ from cryoves.postprocess._common import (
     check_same_shape,
     check_volume,
     check_voxel_size,
-    concat_rejected,
-    rejected_frame,
+    rejected_rows,
 )
 from cryoves.vesicles import VesicleTable
 
@@ -749,7 +748,7 @@ def _fit_items(
     for (i, cen, r0, _), key in zip(items, keys, strict=True):
         out = cache[key]
         if isinstance(out, str):
-            rejected.append(rejected_frame([i], cen[None], [r0], "fit", [out]))
+            rejected.append((i, cen, r0, out))
             continue
         out.voxel_size = vs
         ids.append(i)
@@ -757,7 +756,7 @@ def _fit_items(
     table = table_from_fits(ids, fits, vs)
     log.info("fitted %d spheres, %d objects could not be fitted, %d fits reused", len(fits), len(rejected),
              len(items) - len(todo))
-    return table, concat_rejected(rejected)
+    return table, rejected_rows(rejected, "fit")
 
 
 def _item_key(item) -> tuple:

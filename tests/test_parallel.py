@@ -151,12 +151,13 @@ def test_workers_end_when_their_process_is_killed(tmp_path):
 
 
 def test_block_threads_give_the_numbers_of_one_thread(monkeypatch):
-    """resample, the specimen-slab search and the value statistics run their blocks on threads:
+    """resample, the specimen-slab search, the value statistics, normalisation and the polarity
+    filters run their blocks on threads:
     the results must be those of one thread, to the bit."""
     from cryoves import preprocess
     from cryoves.io import tomogram
     from cryoves.io.tomogram import value_stats
-    from cryoves.preprocess import resample, specimen_slab
+    from cryoves.preprocess import detect_polarity, normalise, resample, specimen_slab
 
     assert parallel.thread_map(lambda i: i * i, range(40)) == [i * i for i in range(40)]
     monkeypatch.setattr(preprocess, "_CHUNK_VOXELS", 1 << 15)  # many chunks of a few slices
@@ -168,12 +169,14 @@ def test_block_threads_give_the_numbers_of_one_thread(monkeypatch):
     for n in (1, 2):
         parallel.set_workers(n)
         try:
-            runs[n] = (resample(vol, (0.45, 0.5, 0.7)), specimen_slab(vol, 4), value_stats(vol))
+            runs[n] = (resample(vol, (0.45, 0.5, 0.7)), specimen_slab(vol, 4), value_stats(vol),
+                       normalise(vol), detect_polarity(vol))
         finally:
             parallel.set_workers(None)
     assert np.array_equal(runs[1][0], runs[2][0])
     assert runs[1][1] == runs[2][1] != slice(0, 90)
     assert runs[1][2] == runs[2][2]
+    assert np.array_equal(runs[1][3], runs[2][3]) and runs[1][4] == runs[2][4]
 
 
 def test_warm_up_starts_the_workers_in_the_background(two_workers):

@@ -221,11 +221,12 @@ def normalise(
     if method == "none":
         return arr
     s = _sample(arr)
+    clip = None
     if method == "robust_zscore":
         lo, hi = np.percentile(s, percentiles)
         if lo < hi:
             s = np.clip(s, lo, hi)
-            np.clip(arr, lo, hi, out=arr)
+            clip = (lo, hi)
         else:
             # > 99 % of the voxels share one value (e.g. int8 with a narrow range): clipping
             # would make the volume constant, so z-score the unclipped values instead
@@ -236,8 +237,16 @@ def normalise(
             f"the volume is constant (every voxel is {mean:g}), nothing to segment; check that the file "
             "holds the reconstructed tomogram"
         )
-    arr -= np.float32(mean)
-    arr *= np.float32(1.0 / std)
+    from cryoves import parallel
+
+    def slab(z: int) -> None:  # one pass per slab, slabs on several threads (elementwise: the same numbers)
+        block = arr[z : z + 16]
+        if clip is not None:
+            np.clip(block, *clip, out=block)
+        block -= np.float32(mean)
+        block *= np.float32(1.0 / std)
+
+    parallel.thread_map(slab, range(0, arr.shape[0], 16))
     return arr
 
 
@@ -263,9 +272,12 @@ def detect_polarity(
     """
     shape = tuple(int(s) for s in volume.shape)
     sl = tuple(slice(max(0, (s - max_side) // 2), max(0, (s - max_side) // 2) + min(s, max_side)) for s in shape)
+    from cryoves import parallel
+
     crop = np.asarray(volume[sl], dtype=np.float32)
-    g = ndimage.gaussian_filter(crop, sigma, mode="nearest")
-    g -= ndimage.gaussian_filter(crop, background_sigma, mode="nearest")
+    g, background = parallel.thread_map(lambda s: ndimage.gaussian_filter(crop, s, mode="nearest"),
+                                        (sigma, background_sigma))
+    g -= background
     q1, q50, q99 = np.percentile(g, [1.0, 50.0, 99.0])
     spread = float(q99 - q1)
     if not spread > 0:

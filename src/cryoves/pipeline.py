@@ -650,8 +650,11 @@ def _write_result_files(
     write_vesicles(out / f["star"], vesicles)
     write_vesicles_mod(out / f["mod"], vesicles, tomo.shape)
     rejected.write_csv(out / f["rejected"])
-    write_mrc(out / f["probability"], prob.astype(np.float32, copy=False), vs, origin)
-    write_mrc(out / f["labels"], labels, vs, origin)
+    from cryoves import parallel
+
+    # the two volumes on two threads (conversion and file writes release the GIL)
+    parallel.thread_map(lambda job: write_mrc(out / job[0], job[1], vs, origin),
+                        [(f["probability"], prob.astype(np.float32, copy=False)), (f["labels"], labels)])
     written = [f["vesicles"], f["star"], f["mod"], f["rejected"], f["probability"], f["labels"]]
     if cyto is not None or az is not None:
         from cryoves.io.pyto import write_pyto_labels

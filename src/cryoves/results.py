@@ -186,7 +186,10 @@ def write_result(out: Path, write_files: Callable[[Path], list[str]], manifest: 
     written: list[str] = []
     try:
         written = write_files(out)
-        manifest["outputs"] = {name: file_sha256(out / name) for name in written}
+        from cryoves import parallel
+
+        sums = parallel.thread_map(lambda name: file_sha256(out / name), written)  # hashlib releases the GIL
+        manifest["outputs"] = dict(zip(written, sums, strict=True))
         return write_json_atomic(manifest_path, manifest)
     except BaseException:
         # e.g. disk full half-way: leave no partial result (the manifest is already gone)

@@ -189,3 +189,27 @@ def test_warm_up_starts_the_workers_in_the_background(two_workers):
         t.join(60)
     assert parallel._pool is not None
     assert os.getpid() not in parallel.pmap(_pid, list(range(4)))
+
+
+def test_outlier_refits_on_the_workers_match_one_process():
+    """Outliers are re-fitted on the workers against the table as it is; after one passes (and moves),
+    the later ones are re-fitted against the changed table, as in one process."""
+    from cryoves.postprocess import fit_spheres, label_vesicles, repair
+
+    s = random_scene(n=9, shape=(56, 96, 96), seed=21, r_range=(9.0, 11.0))
+    labels, _ = label_vesicles(s.prob, 0.5, s.voxel_size, min_radius_nm=4)
+    table, _ = fit_spheres(s.intensity, labels, s.voxel_size)
+    df = table.df.copy()
+    for k in (0, 1, 2):  # three bad fits: features far off, each repaired by a re-fit
+        df.loc[k, "radius"] *= 1.35
+        df.loc[k, "membrane_thickness_nm"] *= 2.5
+    bad = table.with_df(df)
+    runs = {}
+    for n in (1, 2):
+        parallel.set_workers(n)
+        try:
+            runs[n] = repair(bad, s.intensity, min_radius_nm=4)
+        finally:
+            parallel.set_workers(None)
+    assert not set(df.loc[:2, "id"]) & set(runs[1][1]["id"])  # all three passed
+    assert runs[1][0].df.equals(runs[2][0].df) and runs[1][1].equals(runs[2][1])

@@ -204,47 +204,77 @@ def _refit_outliers(df, intensity, out_idx, scorer, nm, p_threshold, opts, max_r
     """Re-fit outliers with boxes grown by ``regrow_step`` voxels per try; judge them against the inliers.
 
     Updates passing rows of ``df`` in place; returns (indices that never passed, their last p-values).
+    The outliers are taken in order, each against the table as the earlier ones left it. All are
+    first re-fitted at once on the worker processes against the table as it is; those results hold
+    up to the first outlier that passes (it changes the table), the rest are then re-fitted one by one.
     """
+    from cryoves import parallel
+
     failed, fail_p = [], []
-    for i in out_idx:
-        row = df.loc[i]
-        centre = row[["z", "y", "x"]].to_numpy(float)
-        rest = df.index != i
-        others = (df.loc[rest, ["z", "y", "x"]].to_numpy(float), df.loc[rest, "radius"].to_numpy(float))
-        passed = False
-        last_p = row["p_value"]
-        prev = None
-        for k in range(1, max_regrow + 1):
-            o = FitOptions(**{**opts.__dict__, "margin": opts.margin + regrow_step * k})
-            try:
-                f = _fit(intensity, centre, float(row["radius"]), o, others)
-            except FitFailure:
-                continue
-            x = _features(f, nm)
-            if not np.isfinite(x).all():
-                continue
-            d, last_p = scorer(x)
-            state = np.r_[f.centre, f.radius]
-            if last_p < p_threshold and prev is not None and np.abs(state - prev).max() < 0.05:
-                break  # larger boxes no longer change the fit: it will not pass
-            prev = state
-            if last_p >= p_threshold:
-                df.loc[i, ["z", "y", "x"]] = f.centre
-                df.loc[i, "radius"] = f.radius
-                df.loc[i, "membrane_thickness_nm"] = f.membrane_thickness * nm
-                df.loc[i, "membrane_density"] = f.membrane_density
-                df.loc[i, "lumen_density"] = f.lumen_density
-                df.loc[i, "fit_residual"] = f.fit_residual
-                if "membrane_contrast" in df.columns:
-                    df.loc[i, "membrane_contrast"] = f.membrane_contrast
-                df.loc[i, "mahalanobis"] = d
-                df.loc[i, "p_value"] = last_p
-                passed = True
-                break
-        if not passed:
+    out_idx = list(out_idx)
+    settings = (scorer, nm, p_threshold, opts, max_regrow, regrow_step)
+    with parallel.shared(intensity, parallel.workers() > 1 and len(out_idx) > 1) as volume:
+        outcomes = parallel.pmap(_refit_task, [(volume, *_refit_start(df, i), settings) for i in out_idx])
+    changed = False
+    for k, i in enumerate(out_idx):
+        if changed:  # an earlier outlier passed and moved: this one is re-fitted against the table as it is now
+            outcomes[k] = _refit_one(intensity, *_refit_start(df, i), *settings)
+        passed, f, d, last_p = outcomes[k]
+        if passed:
+            df.loc[i, ["z", "y", "x"]] = f.centre
+            df.loc[i, "radius"] = f.radius
+            df.loc[i, "membrane_thickness_nm"] = f.membrane_thickness * nm
+            df.loc[i, "membrane_density"] = f.membrane_density
+            df.loc[i, "lumen_density"] = f.lumen_density
+            df.loc[i, "fit_residual"] = f.fit_residual
+            if "membrane_contrast" in df.columns:
+                df.loc[i, "membrane_contrast"] = f.membrane_contrast
+            df.loc[i, "mahalanobis"] = d
+            df.loc[i, "p_value"] = last_p
+            changed = True
+        else:
             failed.append(i)
             fail_p.append(last_p)
     return failed, fail_p
+
+
+def _refit_start(df, i) -> tuple[np.ndarray, float, float, tuple[np.ndarray, np.ndarray]]:
+    """Start of an outlier's re-fit: its centre, radius and p-value, the other vesicles' spheres."""
+    row = df.loc[i]
+    rest = df.index != i
+    others = (df.loc[rest, ["z", "y", "x"]].to_numpy(float), df.loc[rest, "radius"].to_numpy(float))
+    return row[["z", "y", "x"]].to_numpy(float), float(row["radius"]), float(row["p_value"]), others
+
+
+def _refit_one(volume, centre, radius, p0, others, scorer, nm, p_threshold, opts, max_regrow, regrow_step):
+    """One outlier re-fitted in boxes grown by ``regrow_step`` voxels per try: (passed, fit, D, p)."""
+    last_p, prev = p0, None
+    for k in range(1, max_regrow + 1):
+        o = FitOptions(**{**opts.__dict__, "margin": opts.margin + regrow_step * k})
+        try:
+            f = _fit(volume, centre, radius, o, others)
+        except FitFailure:
+            continue
+        x = _features(f, nm)
+        if not np.isfinite(x).all():
+            continue
+        d, last_p = scorer(x)
+        state = np.r_[f.centre, f.radius]
+        if last_p < p_threshold and prev is not None and np.abs(state - prev).max() < 0.05:
+            break  # larger boxes no longer change the fit: it will not pass
+        prev = state
+        if last_p >= p_threshold:
+            return True, f, d, last_p
+    return False, None, float("nan"), last_p
+
+
+def _refit_task(task) -> tuple:
+    """Worker side of :func:`_refit_outliers`."""
+    from cryoves.parallel import attached
+
+    volume, centre, radius, p0, others, settings = task
+    with attached(volume) as vol:
+        return _refit_one(vol, centre, radius, p0, others, *settings)
 
 
 def resolve_overlaps(

@@ -222,13 +222,18 @@ def test_failed_write_leaves_old_file_and_no_temporaries(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(mrcfile, "new", broken)
     from cryoves.errors import OutputError
+    from cryoves.io import mrc as mrc_module
 
-    with pytest.raises(OutputError, match="disk full"):
-        write_mrc(p, np.ones((2, 3, 4), np.float32), 10.0)
-    assert p.read_bytes() == before
-    assert [x.name for x in tmp_path.iterdir()] == ["a.mrc"]
+    # the file cannot be created, or its blocks cannot be allocated (a full disk must be an error
+    # before any voxel is written through the memory map, where it would be a crash)
+    for where, name in ((mrcfile, "new_mmap"), (mrc_module.os, "posix_fallocate")):
+        with monkeypatch.context() as m:
+            m.setattr(where, name, broken)
+            with pytest.raises(OutputError, match="disk full"):
+                write_mrc(p, np.ones((2, 3, 4), np.float32), 10.0)
+        assert p.read_bytes() == before
+        assert [x.name for x in tmp_path.iterdir()] == ["a.mrc"]
 
 
 def test_release_pages_drops_a_read_memory_map_from_resident_memory(tmp_path):
@@ -246,3 +251,33 @@ def test_release_pages_drops_a_read_memory_map_from_resident_memory(tmp_path):
     assert float(tomo.data[10].sum()) == 512 * 512  # still readable
     Tomogram = type(tomo)
     Tomogram(np.zeros((2, 2, 2), np.float32), (1.0,) * 3).release_pages()  # in memory: nothing to do
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.int16, np.uint32, bool])
+def test_header_statistics_are_those_of_the_voxels_written(tmp_path, dtype):
+    rng = np.random.default_rng(5)
+    data = (rng.normal(size=(9, 20, 30)) * 300).astype(np.float32)
+    data = np.abs(data).astype(dtype) if dtype is not np.float32 else data
+    p = write_mrc(tmp_path / "s.mrc", data, 10.0)
+    with mrcfile.open(p) as mrc:
+        h, back = mrc.header, np.asarray(mrc.data, np.float64)
+        assert np.array_equal(back, np.asarray(data, np.float64))
+        assert h.dmin == np.float32(back.min()) and h.dmax == np.float32(back.max())
+        assert np.isclose(h.dmean, back.mean(), rtol=1e-6) and np.isclose(h.rms, back.std(), rtol=1e-5)
+    data = np.ones((2, 3, 4), np.float32)
+    data[0, 0, 0] = np.nan
+    with mrcfile.open(write_mrc(tmp_path / "n.mrc", data, 10.0)) as mrc:
+        assert np.isnan(mrc.header.dmean) and np.isnan(mrc.data[0, 0, 0])
+
+
+def test_writing_makes_no_full_size_temporary(tmp_path):
+    import tracemalloc
+
+    data = np.ones((64, 1024, 1024), np.uint16)  # 128 MiB; statistics in float would need 256-512 MiB
+    tracemalloc.start()
+    try:
+        write_mrc(tmp_path / "big.mrc", data, 10.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.75 * data.nbytes

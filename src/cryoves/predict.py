@@ -35,6 +35,7 @@ import torch
 from cryoves import DEFAULT_MODEL
 from cryoves.device import autocast, choose_device, choose_precision
 from cryoves.errors import FormatError, ParameterError, ResourceError
+from cryoves.io.mrc import reserve_space, set_header_stats
 from cryoves.io.tomogram import Tomogram
 from cryoves.model import LoadedModel, UNet3D, load_model
 from cryoves.model.unet import fused_inference_copy
@@ -478,26 +479,13 @@ def _output_array(out: Path, tomo: Tomogram) -> Iterator[np.ndarray]:
             del arr
         else:
             with mrcfile.new_mmap(tmp, shape=tomo.shape, mrc_mode=2, overwrite=True) as mrc:
+                reserve_space(tmp)
                 yield mrc.data
                 vz, vy, vx = tomo.voxel_size
                 mrc.voxel_size = (vx, vy, vz)
                 oz, oy, ox = tomo.origin
                 mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = ox, oy, oz
-                _set_header_stats(mrc)
-
-
-def _set_header_stats(mrc: Any, slab: int = 32) -> None:
-    data = mrc.data
-    lo, hi, s1, s2 = np.inf, -np.inf, 0.0, 0.0
-    for z0 in range(0, data.shape[0], slab):
-        b = np.asarray(data[z0 : z0 + slab], dtype=np.float64)
-        lo, hi = min(lo, float(b.min())), max(hi, float(b.max()))
-        s1 += float(b.sum())
-        s2 += float(np.square(b).sum())
-    n = data.size
-    mean = s1 / n
-    mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = lo, hi, mean
-    mrc.header.rms = math.sqrt(max(0.0, s2 / n - mean * mean))
+                set_header_stats(mrc, mrc.data)
 
 
 def _open_result(out: Path) -> np.ndarray:

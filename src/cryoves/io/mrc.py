@@ -8,6 +8,7 @@ Modes read: 0 (int8; uint8 when an IMOD header says the bytes are unsigned), 1 (
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 
 from cryoves.atomic import atomic_path
 from cryoves.errors import FormatError, InputError
-from cryoves.io.tomogram import Tomogram, resolve_voxel_size, validate_volume
+from cryoves.io.tomogram import Tomogram, resolve_voxel_size, validate_volume, value_stats
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +153,38 @@ def write_mrc(
     arr = _to_mrc_dtype(arr, path)
     vz, vy, vx = (float(v) for v in np.broadcast_to(np.asarray(voxel_size, dtype=float), (3,)))
     oz, oy, ox = (float(v) for v in np.broadcast_to(np.asarray(origin, dtype=float), (3,)))
-    with atomic_path(path) as tmp, warnings.catch_warnings():
-        # NaN data is written as given (tests, masks); the header stats are then NaN
-        warnings.filterwarnings("ignore", "Data array contains NaN", RuntimeWarning)
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(np.ascontiguousarray(arr))
-            mrc.voxel_size = (vx, vy, vz)
-            mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = ox, oy, oz
-            mrc.update_header_stats()
+    mode = mrcfile.utils.mode_from_dtype(arr.dtype)
+    # written slab by slab into a memory map, header statistics computed slab by slab: mrcfile's
+    # set_data computed them twice with full-size float temporaries (2.4 GB for 1 G labels)
+    with atomic_path(path) as tmp, mrcfile.new_mmap(tmp, shape=arr.shape, mrc_mode=mode, overwrite=True) as mrc:
+        reserve_space(tmp)
+        step = max(1, (64 << 20) // max(1, arr[:1].nbytes))
+        for z in range(0, arr.shape[0], step):
+            mrc.data[z : z + step] = arr[z : z + step]
+        mrc.voxel_size = (vx, vy, vz)
+        mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = ox, oy, oz
+        set_header_stats(mrc, arr)
     return Path(path)
+
+
+def reserve_space(path: str | Path) -> None:
+    """Allocate the disk blocks of a new (sparse) file now: a full disk is then an ``OSError`` here,
+    not a crash (SIGBUS) while writing through a memory map of it."""
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as fh:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+
+
+def set_header_stats(mrc: Any, data: Any) -> None:
+    """The header's dmin, dmax, dmean and rms from ``data`` (the voxels written), slab by slab (no
+    full-size temporaries); NaN when a voxel is NaN or infinite (data written as given: tests, masks)."""
+    if data.size == 0:
+        mrc.reset_header_stats()
+        return
+    st = value_stats(data)
+    if st["nonfinite"]:
+        st = dict.fromkeys(st, float("nan"))
+    mrc.header.dmin, mrc.header.dmax, mrc.header.dmean, mrc.header.rms = st["min"], st["max"], st["mean"], st["std"]
 
 
 def _to_mrc_dtype(arr: np.ndarray, path: str | Path) -> np.ndarray:

@@ -134,7 +134,7 @@ def _count_nonfinite(data: Any) -> int:
     return value_stats(data)["nonfinite"]
 
 
-def _slab_depth(shape: tuple[int, ...], itemsize: int, budget_bytes: int = 64 * 2**20) -> int:
+def _slab_depth(shape: tuple[int, ...], itemsize: int, budget_bytes: int = 4 * 2**20) -> int:
     plane = int(np.prod(shape[1:])) * max(itemsize, 4)
     return max(1, budget_bytes // max(plane, 1))
 
@@ -142,8 +142,8 @@ def _slab_depth(shape: tuple[int, ...], itemsize: int, budget_bytes: int = 64 * 
 def value_stats(data: Any) -> dict[str, Any]:
     """Min, max, mean, std of the finite voxels and the number of NaN/Inf voxels.
 
-    Computed slab by slab along z (≈64 MiB at a time), so memory-mapped or lazy (zarr) volumes
-    are never loaded whole. Returns a dict with keys ``min, max, mean, std, nonfinite``
+    Computed slab by slab along z (≈4 MiB at a time, one slab per thread), so memory-mapped or
+    lazy (zarr) volumes are never loaded whole and no full-size temporary is made. Returns a dict with keys ``min, max, mean, std, nonfinite``
     (``min``/``max``/``mean``/``std`` are NaN when no voxel is finite).
     """
     shape = tuple(int(s) for s in data.shape)

@@ -271,13 +271,28 @@ def test_header_statistics_are_those_of_the_voxels_written(tmp_path, dtype):
 
 
 def test_writing_makes_no_full_size_temporary(tmp_path):
+    import threading
     import tracemalloc
 
+    import psutil
+
     data = np.ones((64, 1024, 1024), np.uint16)  # 128 MiB; statistics in float would need 256-512 MiB
+    proc, rss, done = psutil.Process(), [], threading.Event()
+    start = proc.memory_info().rss
+
+    def watch() -> None:  # the written file's pages must not pile up in this process either
+        while not done.wait(0.002):
+            rss.append(proc.memory_info().rss)
+
+    watcher = threading.Thread(target=watch)
     tracemalloc.start()
+    watcher.start()
     try:
         write_mrc(tmp_path / "big.mrc", data, 10.0)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
+        done.set()
+        watcher.join()
         tracemalloc.stop()
     assert peak < 0.75 * data.nbytes
+    assert max(rss) - start < 0.75 * data.nbytes

@@ -18,7 +18,7 @@ import numpy as np
 
 from cryoves.atomic import atomic_path
 from cryoves.errors import FormatError, InputError
-from cryoves.io.tomogram import Tomogram, resolve_voxel_size, validate_volume, value_stats
+from cryoves.io.tomogram import Tomogram, release_pages, resolve_voxel_size, validate_volume, value_stats
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ def write_mrc(
         step = max(1, (64 << 20) // max(1, arr[:1].nbytes))
         for z in range(0, arr.shape[0], step):
             mrc.data[z : z + step] = arr[z : z + step]
+            release_pages(mrc.data)  # written pages stay in the page cache, not in this process's memory
         mrc.voxel_size = (vx, vy, vz)
         mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = ox, oy, oz
         set_header_stats(mrc, arr)

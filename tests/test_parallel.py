@@ -213,3 +213,18 @@ def test_outlier_refits_on_the_workers_match_one_process():
             parallel.set_workers(None)
     assert not set(df.loc[:2, "id"]) & set(runs[1][1]["id"])  # all three passed
     assert runs[1][0].df.equals(runs[2][0].df) and runs[1][1].equals(runs[2][1])
+
+
+def test_a_read_only_file_map_is_shared_without_a_copy(tmp_path, two_workers):
+    """A float32 MRC file's memory map (also through np.asarray, also a z-slab of it) reaches the
+    workers as the file itself: no copy in shared memory."""
+    from cryoves.io import read_tomogram, write_mrc
+
+    data = np.random.default_rng(2).normal(size=(12, 20, 30)).astype(np.float32)
+    data_map = read_tomogram(write_mrc(tmp_path / "t.mrc", data, 10.0)).data
+    for view, expected in ((data_map, data), (np.asarray(data_map)[4:], data[4:])):
+        with parallel.shared(view, True) as ref:
+            assert isinstance(ref, parallel.ArrayRef) and ref.path == str(tmp_path / "t.mrc")
+            assert parallel.pmap(_total, [ref, ref]) == [float(expected.sum())] * 2
+    assert parallel.file_ref(np.asarray(data_map)[:, 1:]) is None  # not contiguous: copied instead
+    assert parallel.file_ref(data.copy()) is None

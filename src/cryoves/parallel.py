@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import mmap
 import multiprocessing
 import os
 import sys
@@ -231,12 +232,14 @@ def chunks(items: Sequence[Any], n_chunks: int | None = None) -> list[list[Any]]
 
 @dataclass(frozen=True)
 class ArrayRef:
-    """What a worker needs to map a :class:`SharedArray`: a shared-memory block or a file."""
+    """What a worker needs to map a :class:`SharedArray` or a file: a shared-memory block, or a
+    file (its array starting ``offset`` bytes in)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     path: str | None = None
+    offset: int = 0
 
 
 class SharedArray:
@@ -306,7 +309,7 @@ def attached(ref: ArrayRef | np.ndarray) -> Iterator[np.ndarray]:
         yield ref
         return
     if ref.path is not None:
-        yield np.memmap(ref.path, dtype=np.dtype(ref.dtype), mode="r", shape=ref.shape)
+        yield np.memmap(ref.path, dtype=np.dtype(ref.dtype), mode="r", shape=ref.shape, offset=ref.offset)
         return
     shm = shared_memory.SharedMemory(name=ref.name)
     try:
@@ -317,15 +320,38 @@ def attached(ref: ArrayRef | np.ndarray) -> Iterator[np.ndarray]:
         shm.close()
 
 
+def file_ref(arr: Any) -> ArrayRef | None:
+    """A reference the workers can map when ``arr`` is a C-ordered view of a read-only memory-mapped
+    file (e.g. the float32 data of an MRC file, also through ``np.asarray``); None otherwise."""
+    owner = arr
+    while owner is not None and not isinstance(owner, np.memmap):
+        owner = getattr(owner, "base", None)
+    if not isinstance(arr, np.ndarray) or owner is None or getattr(owner, "_mmap", None) is None:
+        return None
+    if owner.mode != "r" or owner.filename is None or not arr.flags.c_contiguous or not arr.dtype.isnative:
+        return None
+    base = np.frombuffer(owner._mmap, np.uint8)  # the mapping starts at the allocation-aligned offset
+    start = arr.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    if start < 0 or start + arr.nbytes > len(base):
+        return None
+    offset = start + owner.offset - owner.offset % mmap.ALLOCATIONGRANULARITY
+    return ArrayRef(os.path.basename(owner.filename), tuple(arr.shape), arr.dtype.str, str(owner.filename), int(offset))
+
+
 @contextlib.contextmanager
 def shared(arr: np.ndarray, needed: bool) -> Iterator[ArrayRef | np.ndarray]:
     """``arr`` as the workers can see it (``needed``): its reference when it is the array of a
-    :class:`SharedArray`, else a shared copy for the block's duration; ``arr`` itself otherwise."""
+    :class:`SharedArray` or a whole read-only memory-mapped file (:func:`file_ref`), else a shared
+    copy for the block's duration; ``arr`` itself otherwise."""
     if not needed:
         yield arr
         return
     if id(arr) in _live:
         yield _live[id(arr)].ref
+        return
+    ref = file_ref(arr)
+    if ref is not None:
+        yield ref
         return
     with SharedArray(np.ascontiguousarray(arr)) as sa:
         yield sa.ref

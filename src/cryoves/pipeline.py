@@ -28,6 +28,7 @@ import pandas as pd
 from cryoves import DEFAULT_MODEL, __version__
 from cryoves.errors import Cancelled, CryovesError, InputError, VoxelSizeError
 from cryoves.io import Tomogram, read_tomogram, write_mrc
+from cryoves.io.tomogram import release_pages
 from cryoves.results import (
     MANIFEST_NAME,
     OUTPUT_FILES,
@@ -413,6 +414,7 @@ def _segment(
     if cfg.threshold is None:
         grid = _threshold_candidates(cfg, model, pred_info)
         th = steps.run("global_threshold", 0.65, global_threshold, prob, intensity, grid)
+        release_pages(intensity)  # a memory-mapped file: its pages were read once, not kept
         threshold = float(th.threshold)
         searched = [float(grid[0]), float(grid[-1])]
     else:
@@ -502,12 +504,15 @@ def _mask_box(mask: np.ndarray | None) -> tuple[slice, ...] | None:
 
 def _intensity(tomo: Tomogram, inverted: bool, stack: contextlib.ExitStack) -> np.ndarray:
     """The tomogram as float32, dense = dark (post-processing expects it); in shared memory when
-    post-processing has worker processes (filled slab by slab: no second full copy)."""
+    post-processing has worker processes (filled slab by slab: no second full copy). A float32 file
+    that needs no inversion is used as it is: the workers map the file itself (no copy at all)."""
     from cryoves import parallel
 
     if parallel.workers() <= 1:
         src = tomo.asarray(np.float32)
         return -src if inverted else src
+    if not inverted and tomo.data.dtype == np.float32 and parallel.file_ref(tomo.data) is not None:
+        return tomo.data
     out = stack.enter_context(parallel.SharedArray(shape=tomo.shape, dtype=np.float32)).array
     for z in range(0, tomo.shape[0], 16):
         slab = np.asarray(tomo.data[z : z + 16], dtype=np.float32)

@@ -56,7 +56,9 @@ def test_predict_blockwise_equals_single_process(client, model, tmp_path):
     single = predict_tomogram(tomo, model, device="cpu", tile=TILE, progress=False)
     res = predict_blockwise(tomo, model, client, block=(48, 48, 48), out=tmp_path / "p.zarr", device="cpu",
                             tile=TILE, progress=False)
-    assert res.info["blocks"] >= 4 and res.info["tiles"] == single.info["tiles"]
+    # blocks hold cubic tiles (more of them to spread); one process shapes its tiles to the volume:
+    # tiling is exact, so the maps agree all the same
+    assert res.info["blocks"] >= 4 and res.info["tiles"] > single.info["tiles"]
     assert res.info["inverted"] == single.info["inverted"]
     blockwise = np.asarray(res.prob[...])
     assert blockwise.shape == tomo.shape and (tmp_path / "p.zarr").is_dir()
@@ -78,7 +80,7 @@ def test_predict_blockwise_skips_the_same_vacuum(client, model):
     res = predict_blockwise(tomo, model, client, block=(48, 48, 48), **kw)
     (z0, z1), *_ = single.info["network_box"]
     assert res.info["network_box"] == single.info["network_box"] and z1 - z0 < single.info["model_grid_shape"][0]
-    assert res.info["tiles"] == single.info["tiles"] and res.info["blocks"] >= 4
+    assert res.info["blocks"] >= 4
     np.testing.assert_allclose(np.asarray(res.prob), single.prob, atol=1e-6, rtol=0)
 
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from _sim_utils import probability_from_gt, small_sim, write_sim_inputs
 from cryoves.cli import app
 from cryoves.errors import Cancelled, InputError, OutputExistsError, ParameterError
-from cryoves.io import write_mrc
+from cryoves.io import read_mrc, write_mrc
 from cryoves.pipeline import SegmentConfig, segment
 from cryoves.results import OUTPUT_FILES, is_complete_result
 
@@ -43,6 +43,10 @@ def test_segment_writes_complete_result(sim_files, tmp_path):
     assert m["f1_centre"] >= 0.8, m
     # labels are a rendering of the table
     assert set(np.unique(res.labels)) - {0} == set(res.vesicles.ids)
+    # the written volumes come back as read-only maps of the files (nothing held twice in memory)
+    for arr, key in ((res.probability, "probability"), (res.labels, "labels")):
+        assert isinstance(arr, np.memmap) and not arr.flags.writeable
+        np.testing.assert_array_equal(arr, read_mrc(out / OUTPUT_FILES[key]).data)
 
 
 def test_threshold_search_range_comes_from_the_model_unless_given(sim_files):

@@ -27,7 +27,7 @@ import pandas as pd
 
 from cryoves import DEFAULT_MODEL, __version__
 from cryoves.errors import Cancelled, CryovesError, InputError, VoxelSizeError
-from cryoves.io import Tomogram, read_tomogram, write_mrc
+from cryoves.io import Tomogram, read_mrc, read_tomogram, write_mrc
 from cryoves.io.tomogram import release_pages
 from cryoves.results import (
     MANIFEST_NAME,
@@ -99,7 +99,10 @@ class SegmentResult:
     rejected: RejectedTable
     """Removed candidates; ids N+1 … N+M after the N vesicles' (see :func:`_final_ids`)."""
     probability: np.ndarray
+    """The map; a read-only memory map of the written file when an output folder was given."""
     labels: np.ndarray
+    """The final labels; a read-only memory map of ``labels.mrc`` (its integer type) when an output
+    folder was given."""
     manifest: dict[str, Any]
     outdir: Path | None = None
     stage_labels: dict[str, np.ndarray] = field(default_factory=dict)
@@ -490,6 +493,10 @@ def _segment(
                               labels=final_labels, cyto=cyto, az=az, manifest=manifest, steps=steps),
             manifest,
         )
+        # the written map and labels are returned as read-only memory maps of the files: the
+        # arrays in memory (2 × 4 bytes per voxel) are freed before the report
+        prob = read_mrc(out / OUTPUT_FILES["probability"], validate=False).data
+        final_labels = read_mrc(out / OUTPUT_FILES["labels"], validate=False).data
         if cfg.report and tomo.path is not None:
             steps.run("report", 0.99, _write_report, out, tomo.data)
     return SegmentResult(vesicles, rejected, prob, final_labels, manifest, out, stage_labels, stage_tables)

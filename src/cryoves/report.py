@@ -81,9 +81,9 @@ def plot_slices(
     plt = _plt()
     zc, yc, xc = (s // 2 for s in volume.shape)
     planes = [
-        ("XY (z = %d)" % zc, volume[zc], 0, zc),
-        ("XZ (y = %d)" % yc, volume[:, yc, :], 1, yc),
-        ("YZ (x = %d)" % xc, volume[:, :, xc], 2, xc),
+        ("XY (z = %d)" % zc, _plane(volume, 0, zc), 0, zc),
+        ("XZ (y = %d)" % yc, _plane(volume, 1, yc), 1, yc),
+        ("YZ (x = %d)" % xc, _plane(volume, 2, xc), 2, xc),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.5))
     for ax, (title, img, axis, idx) in zip(axes, planes):
@@ -98,6 +98,22 @@ def plot_slices(
         ax.set_axis_off()
     fig.suptitle("vesicles (cyan)" + (", misses (red), false positives (orange)" if misses is not None else ""))
     return _save(fig, path)
+
+
+def _plane(volume: Any, axis: int, index: int, slab: int = 16) -> np.ndarray:
+    """One plane of ``volume`` (z, y, x), read slab by slab along z: a YZ plane of a memory-mapped
+    tomogram touches every page of the file, which would otherwise all stay in memory."""
+    from cryoves.io.tomogram import release_pages
+
+    if axis == 0:
+        return np.asarray(volume[index])
+    parts = []
+    for z in range(0, volume.shape[0], slab):
+        index_zyx: list[Any] = [slice(z, z + slab), slice(None), slice(None)]
+        index_zyx[axis] = index
+        parts.append(np.array(volume[tuple(index_zyx)]))
+        release_pages(volume)
+    return np.concatenate(parts)
 
 
 def radial_profile(volume: np.ndarray, centre: np.ndarray, r_max: float, step: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
@@ -256,6 +272,7 @@ class _Negated:
     def __init__(self, volume: Any):
         self._volume = volume
         self.shape = volume.shape
+        self._mmap = getattr(volume, "_mmap", None)  # release_pages reaches the file's pages
 
     def __getitem__(self, index: Any) -> np.ndarray:
         return -np.asarray(self._volume[index])

@@ -228,3 +228,31 @@ def test_a_read_only_file_map_is_shared_without_a_copy(tmp_path, two_workers):
             assert parallel.pmap(_total, [ref, ref]) == [float(expected.sum())] * 2
     assert parallel.file_ref(np.asarray(data_map)[:, 1:]) is None  # not contiguous: copied instead
     assert parallel.file_ref(data.copy()) is None
+
+
+def test_label_statistics_equal_cc3d_on_any_number_of_threads(monkeypatch):
+    import cc3d
+
+    from cryoves.postprocess import _common
+    from cryoves.postprocess._common import label_statistics
+
+    monkeypatch.setattr(_common, "STATS_SLAB_VOXELS", 3 * 50 * 61)  # slabs of 3 planes
+
+    rng = np.random.default_rng(4)
+    lab = (rng.random((41, 50, 61)) < 0.4).astype(np.uint32) * rng.integers(1, 40, (41, 50, 61)).astype(np.uint32)
+    lab[lab == 7] = 0  # an absent label: no box
+    want = cc3d.statistics(lab)
+    for n in (1, 2):
+        parallel.set_workers(n)
+        try:
+            got = label_statistics(lab)
+        finally:
+            parallel.set_workers(None)
+        assert np.array_equal(got["voxel_counts"], want["voxel_counts"])
+        assert np.array_equal(got["centroids"], want["centroids"], equal_nan=True)  # to the bit
+        present = want["voxel_counts"] > 0
+        assert [b for b, p in zip(got["bounding_boxes"], present) if p] == [
+            b for b, p in zip(want["bounding_boxes"], present) if p]
+        assert got["bounding_boxes"][7] is None
+    with pytest.raises(ParameterError):
+        label_statistics(-lab.astype(np.int32))

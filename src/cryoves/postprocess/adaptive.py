@@ -33,6 +33,7 @@ from cryoves.postprocess._common import (
     bounding_box,
     check_volume,
     check_voxel_size,
+    label_statistics,
     rejected_rows,
     relabel,
     sphere_pairs,
@@ -53,7 +54,7 @@ class _Obj:
 
 
 def _objects(labels: np.ndarray) -> list[_Obj]:
-    st = cc3d.statistics(labels)
+    st = label_statistics(labels)
     out = []
     for i, (n, bb) in enumerate(zip(st["voxel_counts"], st["bounding_boxes"])):
         if i == 0 or bb is None or n == 0:
@@ -438,7 +439,7 @@ def rejoin_duplicate_pieces(
             k = parent[k]
         return k
 
-    boxes = cc3d.statistics(labels)["bounding_boxes"]
+    boxes = label_statistics(labels)["bounding_boxes"]
     for a, b in zip(ids[i[dup]], ids[j[dup]]):
         ra, rb = root(int(a)), root(int(b))
         if ra == rb:

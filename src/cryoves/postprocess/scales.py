@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from cryoves.errors import ParameterError
-from cryoves.postprocess._common import REJECTED_COLUMNS, rejected_frame, relabel, sphere_pairs
+from cryoves.postprocess._common import REJECTED_COLUMNS, label_statistics, rejected_frame, relabel, sphere_pairs
 from cryoves.vesicles import VesicleTable
 
 #: Radii the network finds reliably, relative to its training radius (measured on the simulator:
@@ -159,9 +159,7 @@ def coarse_objects(
 ) -> np.ndarray:
     """The objects of a coarse level's labels (its own grid) worth fitting: equivalent radius at
     least 0.6x the level's minimum and not already found by a finer level. Others are set to 0."""
-    import cc3d
-
-    st = cc3d.statistics(np.ascontiguousarray(labels))
+    st = label_statistics(labels)
     counts = np.asarray(st["voxel_counts"], float)
     r_eq_nm = (3.0 * counts / (4.0 * np.pi)) ** (1.0 / 3.0) * lvl.grid_voxel_a / 10.0
     centres = _to_tomogram_grid(np.nan_to_num(np.asarray(st["centroids"], float)), labels.shape, tomogram_shape)

@@ -56,7 +56,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
-import cc3d
 import numpy as np
 import pandas as pd
 from scipy import fft as sfft
@@ -69,6 +68,7 @@ from cryoves.postprocess._common import (
     check_same_shape,
     check_volume,
     check_voxel_size,
+    label_statistics,
     rejected_rows,
 )
 from cryoves.vesicles import VesicleTable
@@ -630,7 +630,7 @@ def initial_spheres(
     objects close enough to matter (None without ``mask_neighbours``). Used by :func:`fit_spheres`;
     public so that block-wise fitting can start from exactly the same values.
     """
-    st = cc3d.statistics(np.ascontiguousarray(labels))
+    st = label_statistics(labels)
     items = [
         (i, np.asarray(st["centroids"][i], float), max(2.0, 0.5 * max(s.stop - s.start for s in bb)))
         for i, (n, bb) in enumerate(zip(st["voxel_counts"], st["bounding_boxes"]))

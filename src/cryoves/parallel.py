@@ -75,6 +75,9 @@ def workers() -> int:
     return cpu_count()
 
 
+_hide_lock = threading.RLock()
+
+
 @contextlib.contextmanager
 def _main_hidden() -> Iterator[None]:
     """Start workers without the caller's ``__main__``: a new worker would otherwise run the
@@ -93,9 +96,6 @@ def _main_hidden() -> Iterator[None]:
         finally:
             if main is not None:
                 main.__dict__.update(saved)
-
-
-_hide_lock = threading.RLock()
 
 
 _pool_lock = threading.Lock()
@@ -341,7 +341,7 @@ def file_ref(arr: Any) -> ArrayRef | None:
 @contextlib.contextmanager
 def shared(arr: np.ndarray, needed: bool) -> Iterator[ArrayRef | np.ndarray]:
     """``arr`` as the workers can see it (``needed``): its reference when it is the array of a
-    :class:`SharedArray` or a whole read-only memory-mapped file (:func:`file_ref`), else a shared
+    :class:`SharedArray` or a view of a read-only memory-mapped file (:func:`file_ref`), else a shared
     copy for the block's duration; ``arr`` itself otherwise."""
     if not needed:
         yield arr

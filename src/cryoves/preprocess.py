@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from cryoves import parallel
 from cryoves.errors import InputError, ParameterError
 from cryoves.io.tomogram import Tomogram, release_pages
 
@@ -126,8 +127,6 @@ def resample(
             block = _interp_axis(block, axis, _axis_coords(n, m), order)
         out[j0:j1] = block
 
-    from cryoves import parallel
-
     parallel.thread_map(chunk, range(0, mz, step))  # chunks on several threads: the same numbers
     return out
 
@@ -237,8 +236,6 @@ def normalise(
             f"the volume is constant (every voxel is {mean:g}), nothing to segment; check that the file "
             "holds the reconstructed tomogram"
         )
-    from cryoves import parallel
-
     def slab(z: int) -> None:  # one pass per slab, slabs on several threads (elementwise: the same numbers)
         block = arr[z : z + 16]
         if clip is not None:
@@ -272,8 +269,6 @@ def detect_polarity(
     """
     shape = tuple(int(s) for s in volume.shape)
     sl = tuple(slice(max(0, (s - max_side) // 2), max(0, (s - max_side) // 2) + min(s, max_side)) for s in shape)
-    from cryoves import parallel
-
     crop = np.asarray(volume[sl], dtype=np.float32)
     g, background = parallel.thread_map(lambda s: ndimage.gaussian_filter(crop, s, mode="nearest"),
                                         (sigma, background_sigma))
@@ -350,8 +345,6 @@ def specimen_slab(volume: Any, margin: int = 12, *, blocks: int = SLAB_BLOCKS) -
         return slice(0, nz)
     yb = np.linspace(0, ny, blocks + 1).astype(int)
     xb = np.linspace(0, nx, blocks + 1).astype(int)
-    from cryoves import parallel
-
     def texture(z: int) -> list[float]:
         sl = np.asarray(volume[z], dtype=np.float32)
         hp = sl - ndimage.gaussian_filter(sl, 4.0)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cryoves import parallel
 from cryoves.atomic import _as_output_error, write_json_atomic
 from cryoves.errors import FormatError, InputError, OutputError, OutputExistsError
 from cryoves.vesicles import RejectedTable, VesicleTable
@@ -186,8 +187,6 @@ def write_result(out: Path, write_files: Callable[[Path], list[str]], manifest: 
     written: list[str] = []
     try:
         written = write_files(out)
-        from cryoves import parallel
-
         sums = parallel.thread_map(lambda name: file_sha256(out / name), written)  # hashlib releases the GIL
         manifest["outputs"] = dict(zip(written, sums, strict=True))
         return write_json_atomic(manifest_path, manifest)

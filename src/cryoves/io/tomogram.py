@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from cryoves import parallel
 from cryoves.errors import InputError, VoxelSizeError
 
 log = logging.getLogger(__name__)
@@ -143,14 +144,13 @@ def value_stats(data: Any) -> dict[str, Any]:
     """Min, max, mean, std of the finite voxels and the number of NaN/Inf voxels.
 
     Computed slab by slab along z (≈4 MiB at a time, one slab per thread), so memory-mapped or
-    lazy (zarr) volumes are never loaded whole and no full-size temporary is made. Returns a dict with keys ``min, max, mean, std, nonfinite``
-    (``min``/``max``/``mean``/``std`` are NaN when no voxel is finite).
+    lazy (zarr) volumes are never loaded whole and no full-size temporary is made. Returns a dict
+    with keys ``min, max, mean, std, nonfinite`` (``min``/``max``/``mean``/``std`` are NaN when no
+    voxel is finite).
     """
     shape = tuple(int(s) for s in data.shape)
     dtype = np.dtype(data.dtype)
     depth = _slab_depth(shape, dtype.itemsize)
-    from cryoves import parallel
-
     def slab(z0: int) -> tuple[float, float, int, float, float, int]:
         block = np.asarray(data[z0 : z0 + depth])
         bad = 0

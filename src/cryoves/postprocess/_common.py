@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cryoves import parallel
 from cryoves.errors import InputError, ParameterError, VoxelSizeError
 from cryoves.vesicles import REJECTED_COLUMNS  # the columns of cryoves.vesicles.RejectedTable
 
@@ -87,7 +88,6 @@ def label_statistics(labels: np.ndarray) -> dict[str, Any]:
     """``cc3d.statistics(labels)`` (voxel counts, bounding boxes, centroids, label 0 included; None /
     NaN for absent labels), computed slab by slab on several threads by a compiled kernel: the
     same numbers (counts and boxes exact, centroids = integer coordinate sums / counts)."""
-    from cryoves import parallel
     from cryoves.postprocess import _label_kernels
 
     labels = np.ascontiguousarray(labels)

@@ -163,6 +163,14 @@ class FitOptions:
 
 
 # --------------------------------------------------------------------------- box and profile
+def _kernels():
+    """The compiled inner loops (:mod:`cryoves.postprocess._fit_kernels`); numba is imported on the
+    first fit, not when the CLI starts."""
+    from cryoves.postprocess import _fit_kernels
+
+    return _fit_kernels
+
+
 def _extract(volume: np.ndarray, centre: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
     """Cube of edge 2*half+1 around round(centre); out-of-volume voxels are NaN. Returns (box, origin)."""
     c = np.round(centre).astype(int)
@@ -199,9 +207,7 @@ def _extract_masked(
     gap = np.linalg.norm(np.clip(cs, lo, hi) - cs, axis=1) - rs
     near = gap < reach
     if near.any():
-        from cryoves.postprocess import _fit_kernels  # numba: imported where first needed
-
-        _fit_kernels.mask_neighbours(box, origin, np.asarray(centre, float), float(radius), reach,
+        _kernels().mask_neighbours(box, origin, np.asarray(centre, float), float(radius), reach,
                                      np.ascontiguousarray(cs[near]), np.ascontiguousarray(rs[near]))
     return box, origin
 
@@ -212,8 +218,6 @@ class _Geometry:
     profiles of both."""
 
     def __init__(self, box: np.ndarray, origin: np.ndarray, centre: np.ndarray, opts: FitOptions):
-        from cryoves.postprocess import _fit_kernels  # numba: imported where first needed
-
         n = box.shape[0]
         half = (n - 1) / 2.0
         self.origin = np.asarray(origin, np.int64)
@@ -225,7 +229,7 @@ class _Geometry:
         cap_cos = np.cos(np.deg2rad(opts.wedge_cap_deg)) if opts.wedge_cap_deg > 0 else 2.0
         self.bin_width = bw = float(opts.bin_width)
         nb = int(np.floor(half / bw)) + 2
-        self.d, self.valid, self.valid_cc, s, c, s_cc, c_cc = _fit_kernels.geometry(
+        self.d, self.valid, self.valid_cc, s, c, s_cc, c_cc = _kernels().geometry(
             box, self.origin, self.centre, half, cap_cos, bw, nb)
         if opts.wedge_cap_deg <= 0:
             self.valid_cc = self.valid
@@ -379,10 +383,8 @@ def _cc_shift(
     good = np.isfinite(p)
     if good.sum() < 2:
         raise FitFailure("no radial profile around the centre (box outside the data)")
-    from cryoves.postprocess import _fit_kernels
-
     filled = np.interp(r, r[good], p[good])
-    a, b, count = _fit_kernels.cc_inputs(box, geo.d, geo.valid_cc, float(window), filled, float(r[1] - r[0]))
+    a, b, count = _kernels().cc_inputs(box, geo.d, geo.valid_cc, float(window), filled, float(r[1] - r[0]))
     if count < 10:
         raise FitFailure("too few voxels around the membrane to centre the vesicle")
     # zero-padded to a fast length: linear (not circular) correlation for the small shifts we need
@@ -416,10 +418,8 @@ def _gn_shift(box: np.ndarray, geo: _Geometry, r: np.ndarray, p: np.ndarray, win
         raise FitFailure("no radial profile around the centre (box outside the data)")
     ps = gaussian_filter1d(np.interp(r, r[good], p[good]), 1.0, mode="nearest")
     dp = np.gradient(ps, r[1] - r[0])
-    from cryoves.postprocess import _fit_kernels
-
-    jtj, jtr, count = _fit_kernels.gauss_newton_sums(box, geo.d, geo.valid_cc, geo.origin, geo.centre, float(window),
-                                                     float(r[1] - r[0]), ps, dp)
+    jtj, jtr, count = _kernels().gauss_newton_sums(box, geo.d, geo.valid_cc, geo.origin, geo.centre, float(window),
+                                                   float(r[1] - r[0]), ps, dp)
     if count < 10:
         raise FitFailure("too few voxels around the membrane to centre the vesicle")
     if not np.all(np.isfinite(jtj)) or np.linalg.cond(jtj) > 1e8:

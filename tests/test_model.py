@@ -71,6 +71,48 @@ def test_fused_copy_and_cropped_forward_match_the_plain_network():
     assert torch.allclose(cropped, full[:, :, 4:24, 12:40, 3:43], atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_inference_network_fuses_conv_relu_with_the_same_numbers(depth, dtype):
+    """prepare_network fuses each convolution with its ReLU and the decoder fills its joined
+    [up-sampled, skip] input in place; the logits are those of the plain folded network, bit for
+    bit, for odd crops (odd region starts at every level) and batches."""
+    from cryoves.model.unet import _ConvReLU
+    from cryoves.predict import prepare_network
+
+    net = random_net(4, depth=depth)
+    cl = torch.channels_last_3d
+    plain = fused_inference_copy(net).to(memory_format=cl).to(dtype)
+    fast = prepare_network(net, torch.device("cpu"), "bf16" if dtype == torch.bfloat16 else "fp32")
+    assert all(isinstance(b.conv, _ConvReLU) and isinstance(b[2], torch.nn.Identity) for b in fast.conv_blocks())
+    x = torch.randn(2, 1, 40, 48, 56).to(dtype).contiguous(memory_format=cl)
+    with torch.inference_mode():
+        for crop in [None, ((3, 5), (4, 9), (1, 0)), ((13, 7), (0, 0), (6, 11))]:
+            a, b = plain.forward_logits(x, crop), fast.forward_logits(x, crop)
+            assert a.shape == b.shape and torch.equal(a, b), crop
+        full = plain.forward_logits(x).float()
+        cropped = fast.forward_logits(x, ((13, 7), (0, 0), (6, 11))).float()
+    assert torch.allclose(cropped, full[:, :, 13:33, :, 6:45], atol=0.05 if dtype == torch.bfloat16 else 1e-4)
+
+
+def test_conv_relu_fusion_falls_back_to_the_plain_network(monkeypatch):
+    """A torch build whose fused call fails keeps convolution and ReLU apart (same results)."""
+    from cryoves.model import unet
+    from cryoves.predict import prepare_network
+
+    def broken(self, x):
+        raise RuntimeError("no fused kernel here")
+
+    monkeypatch.setattr(unet._ConvReLU, "forward", broken)
+    net = random_net(5)
+    fast = prepare_network(net, torch.device("cpu"), "fp32")
+    assert all(type(b.conv) is torch.nn.Conv3d and isinstance(b[2], torch.nn.ReLU) for b in fast.conv_blocks())
+    x = torch.randn(1, 1, 16, 24, 16).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        assert torch.allclose(fast.forward_logits(x), net.forward_logits(x), atol=1e-4)
+
+
 @pytest.mark.parametrize("rename", [False, True], ids=["by-name", "by-order"])
 def test_keras_import_roundtrip(tmp_path, rename):
     net = random_net(3)

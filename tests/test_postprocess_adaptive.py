@@ -157,3 +157,61 @@ def test_irregular_piece_holding_a_ball_is_kept_but_a_sheet_is_not():
     labels, rej = label_vesicles(prob, 0.5, VS, min_radius_nm=4, separate=False, shape_split=False, expand=False)
     assert labels[20, 20, 20] != 0
     assert labels[5, 60, 60] == 0 and rej["reason"].str.contains("no ball").sum() == 1
+
+
+def _blobs(rng, shape):
+    """A smooth random probability box and the object mask of its 0.3 level."""
+    from scipy.ndimage import gaussian_filter
+
+    p = gaussian_filter(rng.random(shape), 1.5)
+    p = ((p - p.min()) / np.ptp(p)).astype(np.float32)
+    return p, p > 0.3
+
+
+def test_pieces_per_threshold_from_one_pass_equal_labelling_at_each_threshold():
+    """The union-find pass over an object's voxels counts, at every threshold of the split sweep,
+    the same big 6-connected pieces as labelling the thresholded object there (ties included)."""
+    import cc3d
+
+    from cryoves.postprocess._label_kernels import big_pieces_per_level
+    from cryoves.postprocess.adaptive import _split_thresholds
+
+    rng = np.random.default_rng(3)
+    for trial in range(12):
+        p, o = _blobs(rng, tuple(rng.integers(4, 20, 3)))
+        if trial % 3 == 0:
+            p = np.round(p * 20).astype(np.float32) / 20  # plateaus and values on the thresholds
+        levels = _split_thresholds(0.3)
+        min_piece = int(rng.integers(1, 12))
+        got = big_pieces_per_level(p, o, levels, min_piece)
+        for t, n in zip(levels, got, strict=True):
+            lab = cc3d.connected_components((p > t) & o, connectivity=6)
+            sizes = np.bincount(lab.ravel())[1:]
+            assert n == int(np.sum(sizes >= min_piece)), (trial, t)
+
+
+def test_h_maxima_and_reconstruction_equal_scikit_image():
+    """The compiled grey reconstruction and the h-maxima built on it give scikit-image's voxels
+    bit for bit: noise, distance maps with plateaus (the shape split's input), several depths."""
+    import edt
+    from skimage.morphology import h_maxima, reconstruction
+
+    from cryoves.postprocess._label_kernels import reconstruct_by_dilation
+    from cryoves.postprocess.adaptive import _h_maxima
+
+    rng = np.random.default_rng(4)
+    for trial in range(40):
+        shape = tuple(int(v) for v in rng.integers(3, 24, 3))
+        if trial % 4 == 0:
+            img = rng.normal(size=shape)
+        else:
+            m = np.zeros(shape, np.uint8)
+            zz, yy, xx = np.indices(shape)
+            for _ in range(int(rng.integers(1, 5))):
+                c, r = rng.uniform(0, shape), rng.uniform(2, 8)
+                m[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 < r * r] = 1
+            img = edt.edt(m, anisotropy=(1.5, 1.0, 1.0), black_border=True).astype(np.float64)
+        h = float(rng.choice([0.3, 1.09, 2.0]))
+        seed = img - h
+        assert np.array_equal(reconstruct_by_dilation(seed, img), reconstruction(seed, img, method="dilation"))
+        assert np.array_equal(_h_maxima(img, h), h_maxima(img, h).astype(bool)), trial

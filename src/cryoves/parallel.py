@@ -41,7 +41,8 @@ _workers: int | None = None
 _pool: ProcessPoolExecutor | None = None
 _pool_size = 0
 #: modules the server imports once, so that each forked worker starts ready
-PRELOAD = ["cryoves.postprocess.spheres", "cryoves.postprocess._fit_kernels", "cryoves.postprocess.adaptive"]
+PRELOAD = ["cryoves.postprocess.spheres", "cryoves.postprocess._fit_kernels", "cryoves.postprocess.adaptive",
+           "cryoves.postprocess._label_kernels"]
 
 
 def cpu_count() -> int:

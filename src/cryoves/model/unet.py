@@ -124,29 +124,32 @@ class UNet3D(nn.Module):
         sizes = [tuple(int(s) for s in x.shape[2:])]
         for _ in self.down:
             sizes.append(tuple(s // 2 for s in sizes[-1]))
-        # needed output region per decoder level (level 0 = full resolution), and its input region
+        # needed output region per decoder level (level 0 = full resolution), and its input region;
+        # input regions start and end on even voxels, so the up-sampled lower level fills them exactly
         need = [[(lo, s - hi) for (lo, hi), s in zip(crop, sizes[0], strict=True)]]
         ext = []
         for j in range(len(self.down)):
-            e = [(max(0, a - n), min(s, b + n)) for (a, b), s in zip(need[j], sizes[j], strict=True)]
+            e = [(max(0, a - n) // 2 * 2, min(s, -(-(b + n) // 2) * 2)) for (a, b), s in zip(need[j], sizes[j], strict=True)]
             ext.append(e)
-            need.append([(a // 2, (b + 1) // 2) for a, b in e])
-        skips = []
+            need.append([(a // 2, b // 2) for a, b in e])
+        joined = []  # per level: [up-sampled lower level, skip] on the channel axis, filled in two steps
         for j, level in enumerate(self.down):
             x = level(x)
-            skip = _slice(x, ext[j])
-            # keep only the part of the skip the decoder reads (frees memory of big tiles)
-            skips.append(skip.clone() if skip is not x else skip)
+            c_up = self.up[len(self.down) - 1 - j][0].conv.in_channels - x.shape[1]
+            buf = torch.empty((x.shape[0], c_up + x.shape[1], *(b - a for a, b in ext[j])), dtype=x.dtype,
+                              device=x.device, memory_format=_memory_format(x))
+            buf[:, c_up:].copy_(_slice(x, ext[j]))
+            joined.append(buf)
             x = F.max_pool3d(x, 2)
-            del skip
         x = self.middle(x)
         x = _slice(x, need[-1])
         for level in self.up:
-            j = len(skips) - 1
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-            x = _slice(x, [(a - 2 * na, b - 2 * na) for (a, b), (na, _) in zip(ext[j], need[j + 1], strict=True)])
-            x = torch.cat([x, skips.pop()], dim=1)  # the inputs are freed before the convolutions
-            x = level(x)
+            j = len(joined) - 1
+            buf = joined.pop()
+            _upsample2_into(x, buf[:, : x.shape[1]])
+            del x
+            x = level(buf)
+            del buf
             x = _slice(x, [(a - ea, b - ea) for (a, b), (ea, _) in zip(need[j], ext[j], strict=True)])
         return self.head(x)
 
@@ -178,6 +181,19 @@ class UNet3D(nn.Module):
         return total
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous() \
+        else torch.contiguous_format
+
+
+def _upsample2_into(x: torch.Tensor, out: torch.Tensor) -> None:
+    """Nearest ×2 up-sampling of ``x`` (B, C, z, y, x) written into ``out`` (B, C, 2z, 2y, 2x), which
+    may be a view: no temporary."""
+    b, c, z, y, w = x.shape
+    view = out.unflatten(4, (w, 2)).unflatten(3, (y, 2)).unflatten(2, (z, 2))
+    view.copy_(x[:, :, :, None, :, None, :, None].expand(view.shape))
+
+
 def _slice(x: torch.Tensor, region: Sequence[tuple[int, int]]) -> torch.Tensor:
     (z0, z1), (y0, y1), (x0, x1) = region
     if (z0, y0, x0) == (0, 0, 0) and (z1, y1, x1) == tuple(x.shape[2:]):
@@ -205,6 +221,48 @@ def fused_inference_copy(net: UNet3D) -> UNet3D:
             conv.bias.copy_((conv.bias - bn.running_mean) * scale + bn.bias)
         blk[1] = nn.Identity()
     return fused
+
+
+class _ConvReLU(nn.Conv3d):
+    """A 3×3×3 convolution with its ReLU in one oneDNN call (no pass over the output for the
+    ReLU); the same numbers as ``relu(conv(x))``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+            "relu", [], "",
+        )
+
+
+def fuse_conv_relu(net: UNet3D) -> UNet3D:
+    """``net`` (from :func:`fused_inference_copy`, on the CPU) with each convolution and its ReLU
+    fused into one oneDNN call, in place; unchanged where this torch build cannot (no oneDNN, or
+    the fused call fails or differs on a small input of the net's dtype and memory format)."""
+    blocks = [b for b in net.conv_blocks() if isinstance(b[1], nn.Identity) and len(b) == 3]
+    if not blocks or not torch.backends.mkldnn.is_available():
+        return net
+    conv = blocks[0].conv
+    probe = torch.linspace(-1, 1, conv.in_channels * 6**3).reshape(1, conv.in_channels, 6, 6, 6)
+    probe = probe.to(conv.weight.dtype).contiguous(memory_format=torch.channels_last_3d)
+    fused = _ConvReLU(conv.in_channels, conv.out_channels, 3, padding=1).to(conv.weight.device, conv.weight.dtype)
+    try:
+        with torch.inference_mode():
+            fused.load_state_dict(conv.state_dict())
+            ok = torch.equal(fused(probe), F.relu(conv(probe)))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        ok = False
+    if not ok:
+        return net
+    for blk in blocks:
+        c = blk.conv
+        f = _ConvReLU(c.in_channels, c.out_channels, 3, padding=1).to(c.weight.device, c.weight.dtype)
+        with torch.no_grad():
+            f.weight.copy_(c.weight)
+            f.bias.copy_(c.bias)
+        f.weight.data = f.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        blk[0] = f
+        blk[2] = nn.Identity()
+    return net
 
 
 def architecture_kwargs(arch: dict[str, Any]) -> dict[str, Any]:

@@ -94,7 +94,7 @@ def plot_slices(
             _circles(ax, misses, axis, idx, "red", 1.8)
         if false_positives is not None and len(false_positives):
             _circles(ax, false_positives, axis, idx, "orange", 1.8)
-        ax.set_title(title)
+        ax.set_title(title, y=1.0)
         ax.set_axis_off()
     fig.suptitle("vesicles (cyan)" + (", misses (red), false positives (orange)" if misses is not None else ""))
     return _save(fig, path)
@@ -163,13 +163,15 @@ def plot_gallery(volume: np.ndarray, vesicles: pd.DataFrame, path: Path, n: int 
             from matplotlib.patches import Circle
 
             ax.add_patch(Circle((cx - ox, cy - oy), v.radius, fill=False, color="#00e5ff", lw=1))
-        a_xy.set_title(f"id {int(v.id)} XY", fontsize=7)
-        a_xz.set_title("XZ", fontsize=7)
+        # y given: matplotlib then skips placing titles clear of tick labels (these axes have none at
+        # the top), which built every axis' ticks: 0.7 of the gallery's 1.9 s
+        a_xy.set_title(f"id {int(v.id)} XY", fontsize=7, y=1.0)
+        a_xz.set_title("XZ", fontsize=7, y=1.0)
         rr, prof = radial_profile(volume, centre, v.radius * 1.6)
         a_pr.set_axis_on()
         a_pr.plot(rr, prof, lw=1)
         a_pr.axvline(v.radius, color="r", lw=0.8)
-        a_pr.set_title(f"r={v.radius:.1f} vx, score={v._score:.2g}", fontsize=7)
+        a_pr.set_title(f"r={v.radius:.1f} vx, score={v._score:.2g}", fontsize=7, y=1.0)
         a_pr.tick_params(labelsize=6)
     fig.suptitle("worst-scored vesicles (flagged, then highest QC score first): XY, XZ, radial profile (red: fitted radius)")
     # fixed margins: tight_layout and a tight bounding box over ~50 axes took 0.7 of the gallery's 1.7 s

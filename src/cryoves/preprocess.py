@@ -52,6 +52,32 @@ def _interp_axis(a: np.ndarray, axis: int, coords: np.ndarray, order: int) -> np
     return lo
 
 
+def _axis_weights(n: int, m: int, sigma: float, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """The linear map n → m input voxels of one axis as windows: output o is
+    ``Σ_t weights[o, t] · input[starts[o] + t]``. Order 1: a Gaussian of ``sigma`` (scipy's
+    ``gaussian_filter1d``: truncated at 4σ, edge values repeated), then linear interpolation at
+    :func:`_axis_coords` (edge values beyond the ends, as :func:`_interp_axis`); order 0: nearest."""
+    c = _axis_coords(n, m)
+    if order == 0:
+        idx = np.clip(np.floor(c + 0.5), 0, n - 1).astype(np.int64)
+        return idx, np.ones((m, 1))
+    r = int(4.0 * sigma + 0.5) if sigma > 0 else 0
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2) if r else np.ones(1)
+    k /= k.sum()
+    x = np.clip(c, 0, n - 1)
+    i0 = np.clip(np.floor(x), 0, max(n - 2, 0)).astype(np.int64)
+    t = (x - i0).astype(np.float32).astype(np.float64)
+    w = min(2 * r + 2, n)
+    starts = np.clip(i0 - r, 0, n - w)
+    weights = np.zeros((m, w))
+    rows = np.arange(m)
+    for d, kd in zip(range(-r, r + 1), k, strict=True):
+        np.add.at(weights, (rows, np.clip(i0 + d, 0, n - 1) - starts), (1.0 - t) * kd)
+        if n > 1:
+            np.add.at(weights, (rows, np.clip(i0 + 1 + d, 0, n - 1) - starts), t * kd)
+    return starts, weights
+
+
 def _aa_sigma(n: int, m: int) -> float:
     """Anti-aliasing Gaussian σ (input voxels) when shrinking n → m (0 when enlarging)."""
     return max(0.0, (n / m - 1.0) / 2.0)
@@ -97,34 +123,37 @@ def resample(
         out = np.empty(target, dtype=np.float32)
     elif tuple(out.shape) != target:
         raise ParameterError(f"out has shape {out.shape}, expected {target}")
+    from cryoves import _resample_kernels
+
+    def axis_weights(axis: int) -> tuple[np.ndarray, np.ndarray] | None:
+        n, m = shape[axis], target[axis]
+        if n == m:
+            return None
+        sigma = _aa_sigma(n, m) if (antialias and order == 1) else 0.0
+        return _axis_weights(n, m, sigma, order)
+
+    wz, wy, wx = (axis_weights(a) for a in range(3))
+    passes = sorted((a for a, wts in enumerate((wz, wy, wx)) if wts is not None), key=lambda a: target[a] / shape[a])
     nz, mz = shape[0], target[0]
-    sig_z = _aa_sigma(nz, mz) if (antialias and order == 1) else 0.0
-    margin = (int(4.0 * sig_z + 0.5) + 1 if sig_z > 0 else 0) + 1
-    zc = _axis_coords(nz, mz)
     plane = max(1, shape[1] * shape[2])
+    reach = wz[1].shape[1] if wz is not None else 1  # input planes one output plane reads
     per_out = max(1.0, nz / mz)
-    step = max(1, int((_CHUNK_VOXELS / plane - 2 * margin) / per_out))
+    step = max(1, int((_CHUNK_VOXELS / plane - 2 * reach) / per_out))
 
     def chunk(j0: int) -> None:
         j1 = min(mz, j0 + step)
-        c = np.clip(zc[j0:j1], 0, nz - 1)
-        i_lo = max(0, int(math.floor(c[0])) - margin)
-        i_hi = min(nz, int(math.floor(c[-1])) + 2 + margin)
-        block = np.asarray(volume[i_lo:i_hi], dtype=np.float32)
-        release_pages(volume)  # a memory-mapped input does not stay resident chunk after chunk
-        if sig_z > 0:
-            block = ndimage.gaussian_filter1d(block, sig_z, axis=0, mode="nearest")
-        if nz == mz:
-            block = block[j0 - i_lo : j1 - i_lo]
+        if wz is None:
+            i_lo, i_hi = j0, j1
         else:
-            block = _interp_axis(block, 0, zc[j0:j1] - i_lo, order)
-        for axis in (1, 2):
-            n, m = shape[axis], target[axis]
-            if n == m:
-                continue
-            if antialias and order == 1 and m < n:
-                block = ndimage.gaussian_filter1d(block, _aa_sigma(n, m), axis=axis, mode="nearest")
-            block = _interp_axis(block, axis, _axis_coords(n, m), order)
+            i_lo = int(wz[0][j0:j1].min())
+            i_hi = int(wz[0][j0:j1].max()) + wz[1].shape[1]
+        block = np.ascontiguousarray(volume[i_lo:i_hi], dtype=np.float32)
+        release_pages(volume)  # a memory-mapped input does not stay resident chunk after chunk
+        for axis in passes:  # the most shrinking axis first: each pass reads what the last one left
+            if axis == 0:
+                block = _resample_kernels.apply_axis(block, 0, wz[0][j0:j1] - i_lo, wz[1][j0:j1])
+            else:
+                block = _resample_kernels.apply_axis(block, axis, *(wy if axis == 1 else wx))
         out[j0:j1] = block
 
     parallel.thread_map(chunk, range(0, mz, step))  # chunks on several threads: the same numbers

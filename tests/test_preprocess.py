@@ -226,3 +226,24 @@ def test_specimen_slab_trims_nothing_without_clear_vacuum():
     full = slab_sim(13, ice_nm=None, shape=(64, 96, 96), voxel_size_a=22.0).tomogram.asarray()  # ice fills 90 %
     zs = pp.specimen_slab(full, margin=8)
     assert zs.stop - zs.start >= 0.9 * full.shape[0]
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float64])
+@pytest.mark.parametrize("invert", [True, False])
+@pytest.mark.parametrize("method", ["robust_zscore", "zscore", "none"])
+def test_network_input_on_its_own_grid_is_copy_invert_normalise_in_one_pass(dtype, invert, method):
+    """A tomogram already at the model voxel size is copied, inverted and normalised slab by slab
+    in one pass: the numbers of copying it, negating the copy and normalising it."""
+    from types import SimpleNamespace
+
+    from cryoves.preprocess import prepare_input
+
+    v = (np.random.default_rng(2).normal(size=(37, 40, 45)) * 300).astype(dtype)
+    info = SimpleNamespace(voxel_size_a=10.0, vesicle_radius_nm=19.0, polarity="dense_dark", prefilter_sigma=0.0,
+                           normalisation=method)
+    out = np.empty(v.shape, np.float32)
+    grid, how = prepare_input(Tomogram(v, (10.0,) * 3), info, invert=invert, out=out)
+    ref = np.asarray(v, dtype=np.float32)
+    ref = -ref if invert else ref
+    assert grid is out and how["inverted"] is invert and how["scale"] == [1.0, 1.0, 1.0]
+    np.testing.assert_array_equal(grid, normalise(ref, method))

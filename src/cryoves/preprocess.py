@@ -181,6 +181,15 @@ def model_grid_scale(
     return tuple(float(v) for v in s)  # type: ignore[return-value]
 
 
+def _model_grid_shape(shape: Sequence[int], nominal: Sequence[float]) -> tuple[int, int, int]:
+    target = _target_shape(shape, nominal)
+    if min(target) < 4:
+        raise ParameterError(
+            f"the model grid would be only {target} voxels; check --voxel-size / --vesicle-radius"
+        )
+    return target
+
+
 def to_model_grid(
     tomo: Tomogram,
     model_voxel_size_a: float,
@@ -195,11 +204,7 @@ def to_model_grid(
     shape / input shape; use :func:`from_model_grid` with the input shape to go back.
     """
     nominal = model_grid_scale(tomo.voxel_size, model_voxel_size_a, vesicle_radius_nm, training_radius_nm)
-    target = _target_shape(tomo.shape, nominal)
-    if min(target) < 4:
-        raise ParameterError(
-            f"the model grid would be only {target} voxels; check --voxel-size / --vesicle-radius"
-        )
+    target = _model_grid_shape(tomo.shape, nominal)
     if all(abs(f - 1.0) < 1e-6 for f in nominal):
         arr = out if out is not None else np.empty(tomo.shape, np.float32)
         for z0 in range(0, tomo.shape[0], 32):
@@ -243,12 +248,21 @@ def normalise(
     beads, empty slabs), then z-score with the mean/std of the clipped values. ``none``: as is.
     Statistics come from a strided subsample of ≤ 2 M voxels.
     """
+    arr = volume if (inplace and volume.dtype == np.float32) else np.array(volume, dtype=np.float32)
+    params = _normalisation(_sample(arr), method, percentiles)
+    parallel.thread_map(lambda z: _normalise_slab(arr[z : z + 16], *params), range(0, arr.shape[0], 16))
+    return arr
+
+
+def _normalisation(
+    sample: np.ndarray, method: str, percentiles: tuple[float, float]
+) -> tuple[tuple[float, float] | None, float, float] | tuple[None, None, None]:
+    """(clip range or None, mean, std) of :func:`normalise` from a float64 sample; (None,) * 3 for "none"."""
     if method not in NORMALISATIONS:
         raise ParameterError(f"unknown normalisation '{method}'; use one of {', '.join(NORMALISATIONS)}")
-    arr = volume if (inplace and volume.dtype == np.float32) else np.array(volume, dtype=np.float32)
     if method == "none":
-        return arr
-    s = _sample(arr)
+        return None, None, None
+    s = sample
     clip = None
     if method == "robust_zscore":
         lo, hi = np.percentile(s, percentiles)
@@ -265,15 +279,17 @@ def normalise(
             f"the volume is constant (every voxel is {mean:g}), nothing to segment; check that the file "
             "holds the reconstructed tomogram"
         )
-    def slab(z: int) -> None:  # one pass per slab, slabs on several threads (elementwise: the same numbers)
-        block = arr[z : z + 16]
-        if clip is not None:
-            np.clip(block, *clip, out=block)
-        block -= np.float32(mean)
-        block *= np.float32(1.0 / std)
+    return clip, mean, std
 
-    parallel.thread_map(slab, range(0, arr.shape[0], 16))
-    return arr
+
+def _normalise_slab(block: np.ndarray, clip: tuple[float, float] | None, mean: float | None, std: float | None) -> None:
+    """Normalise a float32 block in place (elementwise: slabs on several threads give the same numbers)."""
+    if mean is None:
+        return
+    if clip is not None:
+        np.clip(block, *clip, out=block)
+    block -= np.float32(mean)
+    block *= np.float32(1.0 / std)
 
 
 #: |score| below this is reported as ambiguous (logged) and treated as dense = dark.
@@ -332,21 +348,53 @@ def prepare_input(
     over the whole volume. Prediction (single-process and blockwise) and training all prepare
     their input here. Returns ``(grid, {"scale", "inverted", "polarity", "polarity_score"})``.
     """
+    nominal = model_grid_scale(tomo.voxel_size, info.voxel_size_a, vesicle_radius_nm, info.vesicle_radius_nm)
+    if all(abs(f - 1.0) < 1e-6 for f in nominal) and not info.prefilter_sigma > 0:
+        _model_grid_shape(tomo.shape, nominal)
+        return _prepare_on_own_grid(tomo, info, invert, out)
     grid, scale = to_model_grid(tomo, info.voxel_size_a, vesicle_radius_nm,
                                 training_radius_nm=info.vesicle_radius_nm, out=out)
     polarity, score = detect_polarity(grid)
-    if invert is None:
-        inverted = (polarity == "dense_dark") != (info.polarity == "dense_dark")
-        if inverted:
-            log.info("dense material looks bright (polarity score %.3f); inverting the contrast", score)
-    else:
-        inverted = bool(invert)
+    inverted = _inversion(polarity, score, info, invert)
     if inverted:
         np.negative(grid, out=grid)
     if info.prefilter_sigma > 0:
         ndimage.gaussian_filter(grid, info.prefilter_sigma, mode="nearest", output=grid)
     normalise(grid, info.normalisation, inplace=True)
     return grid, {"scale": [float(v) for v in scale], "inverted": bool(inverted), "polarity": polarity,
+                  "polarity_score": float(score)}
+
+
+def _inversion(polarity: str, score: float, info: Any, invert: bool | None) -> bool:
+    if invert is not None:
+        return bool(invert)
+    inverted = (polarity == "dense_dark") != (info.polarity == "dense_dark")
+    if inverted:
+        log.info("dense material looks bright (polarity score %.3f); inverting the contrast", score)
+    return inverted
+
+
+def _prepare_on_own_grid(
+    tomo: Tomogram, info: Any, invert: bool | None, out: np.ndarray | None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`prepare_input` for a tomogram already on the model grid and no prefilter: polarity
+    and statistics from the tomogram itself (the values the copy would hold), then one pass that
+    copies, inverts and normalises each slab: the same numbers as the three passes."""
+    polarity, score = detect_polarity(tomo.data)
+    inverted = _inversion(polarity, score, info, invert)
+    sample = _sample(tomo.data).astype(np.float32).astype(np.float64)  # the values of the float32 copy
+    params = _normalisation(-sample if inverted else sample, info.normalisation, (0.5, 99.5))
+    grid = out if out is not None else np.empty(tomo.shape, np.float32)
+
+    def slab(z: int) -> None:
+        block = grid[z : z + 16]
+        block[...] = tomo.data[z : z + 16]
+        if inverted:
+            np.negative(block, out=block)
+        _normalise_slab(block, *params)
+
+    parallel.thread_map(slab, range(0, tomo.shape[0], 16))
+    return grid, {"scale": [1.0, 1.0, 1.0], "inverted": bool(inverted), "polarity": polarity,
                   "polarity_score": float(score)}
 
 

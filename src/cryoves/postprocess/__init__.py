@@ -5,19 +5,31 @@ lengths in nm). Each returns, next to its result, a rejected-vesicles table (col
 step, reason) so that nothing disappears silently.
 """
 
-from cryoves.postprocess._common import REJECTED_COLUMNS, concat_rejected
-from cryoves.postprocess.adaptive import label_vesicles
-from cryoves.postprocess.masks import restrict_probability, vesicles_in_region
-from cryoves.postprocess.outliers import mahalanobis_test, repair, resolve_overlaps
-from cryoves.postprocess.spheres import (
-    FitOptions,
-    SphereFit,
-    fit_sphere,
-    fit_spheres,
-    initial_spheres,
-    table_from_fits,
-)
-from cryoves.postprocess.threshold import ThresholdResult, global_threshold
+import importlib
+from typing import Any
+
+# The steps' modules load on first use (PEP 562): the model registry needs only the threshold grid,
+# and importing every step (scipy.stats, scikit-image) cost ~1.2 s before the network could start.
+_WHERE = {
+    "REJECTED_COLUMNS": "_common", "concat_rejected": "_common", "label_vesicles": "adaptive",
+    "restrict_probability": "masks", "vesicles_in_region": "masks", "mahalanobis_test": "outliers",
+    "repair": "outliers", "resolve_overlaps": "outliers", "FitOptions": "spheres", "SphereFit": "spheres",
+    "fit_sphere": "spheres", "fit_spheres": "spheres", "initial_spheres": "spheres", "table_from_fits": "spheres",
+    "ThresholdResult": "threshold", "global_threshold": "threshold",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'cryoves.postprocess' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"cryoves.postprocess.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __all__ = [
     "REJECTED_COLUMNS",

@@ -256,3 +256,28 @@ def test_label_statistics_equal_cc3d_on_any_number_of_threads(monkeypatch):
         assert got["bounding_boxes"][7] is None
     with pytest.raises(ParameterError):
         label_statistics(-lab.astype(np.int32))
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.int32, np.int64])
+def test_relabel_is_the_lookup_on_threads_in_place_or_not(dtype):
+    """``relabel`` gives ``lut[labels]``: compiled on threads (slabs of 3 planes) in place and into a
+    new array, numpy's gather for another output type, and an IndexError for a label beyond the table."""
+    from cryoves.postprocess._common import relabel
+
+    rng = np.random.default_rng(5)
+    lab = rng.integers(0, 50, (23, 17, 19)).astype(dtype)
+    lut = rng.integers(0, 80, 50).astype(np.uint32)
+    want = lut[lab]
+    for n in (1, 2):
+        parallel.set_workers(n)
+        try:
+            got = relabel(lab, lut, slab=3)
+            inplace = lab.copy()
+            back = relabel(inplace, lut.astype(dtype), out=inplace, slab=3)
+        finally:
+            parallel.set_workers(None)
+        assert got.dtype == np.uint32 and np.array_equal(got, want)
+        assert back is inplace and np.array_equal(inplace, want.astype(dtype))
+    assert np.array_equal(relabel(lab, lut.astype(np.int64), out=np.empty(lab.shape, np.uint32)), want)
+    with pytest.raises(IndexError):
+        relabel(lab, lut[:10])

@@ -377,7 +377,6 @@ def _segment(
     from cryoves import parallel
     from cryoves.model import model_info
     from cryoves.postprocess.masks import restrict_probability, vesicles_in_region
-    from cryoves.postprocess.outliers import map_confidence, repair
     from cryoves.postprocess.scales import in_band, merge_levels, plan_levels
     from cryoves.postprocess.threshold import global_threshold
 
@@ -409,6 +408,8 @@ def _segment(
     region = _mask_box(cyto)
     prob, pred_info = steps.run("predict", 0.05, _probability, tomo, cfg, out, input_sha, model, backend, finest_hint,
                                 region)
+    from cryoves.postprocess.outliers import map_confidence, repair  # scipy.stats: not before the network
+
     held = stack.enter_context(contextlib.ExitStack())  # the shared tomogram, until the last fit
     intensity = _intensity(tomo, bool(pred_info.get("inverted")), held)
     if cyto is not None:

@@ -112,10 +112,20 @@ def relabel(labels: np.ndarray, lut: np.ndarray, out: np.ndarray | None = None, 
     """``lut[labels]`` computed slab by slab into ``out`` (default: a new array of ``lut``'s dtype;
     ``out=labels`` works in place): no full-volume temporaries (the index array alone would be
     8 bytes per voxel)."""
+    from cryoves.postprocess import _label_kernels
+
     if out is None:
         out = np.empty(labels.shape, lut.dtype)
-    for z in range(0, labels.shape[0], slab):
-        out[z : z + slab] = lut[labels[z : z + slab]]
+    if labels.ndim != 3 or labels.dtype.kind not in "iu" or out.dtype != lut.dtype:
+        for z in range(0, labels.shape[0], slab):
+            out[z : z + slab] = lut[labels[z : z + slab]]
+        return out
+    # compiled, on threads: numpy's gather first widens every index to 8 bytes, on one core
+    # (2.9 s for the 315 M-voxel labels of the full-size benchmark)
+    ok = parallel.thread_map(lambda z: _label_kernels.apply_lut(labels[z : z + slab], lut, out[z : z + slab]),
+                             range(0, labels.shape[0], slab))
+    if not all(ok):
+        raise IndexError(f"a label lies outside the lookup table of {len(lut)} entries")
     return out
 
 

@@ -212,3 +212,19 @@ def reconstruct_by_dilation(seed, mask):  # pragma: no cover - compiled
                             queue[tail % n] = (zz * ny + yy) * nx + xx
                             tail += 1
     return rec
+
+
+@njit(cache=True, nogil=True)
+def apply_lut(labels, lut, out):  # pragma: no cover - compiled
+    """``out[...] = lut[labels]`` for a 3-D block; False (and ``out`` partly written) when a label
+    lies outside ``lut``."""
+    n = lut.shape[0]
+    nz, ny, nx = labels.shape
+    for i in range(nz):
+        for j in range(ny):
+            for k in range(nx):
+                v = labels[i, j, k]
+                if v < 0 or v >= n:
+                    return False
+                out[i, j, k] = lut[v]
+    return True

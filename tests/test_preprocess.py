@@ -51,7 +51,14 @@ def _resample_reference(a, target, order, antialias):
             continue
         if antialias and order == 1 and m < n:
             out = ndimage.gaussian_filter1d(out, (n / m - 1) / 2, axis=axis, mode="nearest")
-        out = pp._interp_axis(out, axis, pp._axis_coords(n, m), order)
+        c = pp._axis_coords(n, m)
+        if order == 0:
+            out = np.take(out, np.clip(np.floor(c + 0.5), 0, n - 1).astype(int), axis=axis)
+            continue
+        x = np.clip(c, 0, n - 1)
+        i0 = np.clip(np.floor(x), 0, max(n - 2, 0)).astype(int)
+        w = (x - i0).astype(np.float32).astype(np.float64).reshape([-1 if a == axis else 1 for a in range(3)])
+        out = np.take(out, i0, axis=axis) * (1 - w) + np.take(out, np.minimum(i0 + 1, n - 1), axis=axis) * w
     return out
 
 

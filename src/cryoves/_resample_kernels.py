@@ -15,6 +15,24 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True)
+def _rows(src, starts, weights, out, acc):  # pragma: no cover - compiled
+    """``out[o] = Σ_t weights[o, t] · src[starts[o] + t]`` for the rows of a 2-D plane (contiguous
+    along the row: the inner loop runs along it)."""
+    m, w = weights.shape
+    nx = src.shape[1]
+    for o in range(m):
+        acc[:] = 0.0
+        b = starts[o]
+        for t in range(w):
+            wt = weights[o, t]
+            if wt != 0.0:
+                for k in range(nx):
+                    acc[k] += wt * src[b + t, k]
+        for k in range(nx):
+            out[o, k] = acc[k]
+
+
+@njit(cache=True, nogil=True)
 def apply_axis(block, axis, starts, weights):  # pragma: no cover - compiled
     """``out[..., o, ...] = Σ_t weights[o, t] · block[..., starts[o] + t, ...]`` along ``axis`` of a 3-D
     float32 ``block`` (sums in float64, result float32)."""
@@ -31,32 +49,13 @@ def apply_axis(block, axis, starts, weights):  # pragma: no cover - compiled
                         s += weights[o, t] * block[i, j, b + t]
                     out[i, j, o] = s
         return out
+    acc = np.empty(nx, np.float64)
     if axis == 1:
         out = np.empty((nz, m, nx), np.float32)
-        acc = np.empty(nx, np.float64)
         for i in range(nz):
-            for o in range(m):
-                acc[:] = 0.0
-                b = starts[o]
-                for t in range(w):
-                    wt = weights[o, t]
-                    if wt != 0.0:
-                        for k in range(nx):
-                            acc[k] += wt * block[i, b + t, k]
-                for k in range(nx):
-                    out[i, o, k] = acc[k]
+            _rows(block[i], starts, weights, out[i], acc)
         return out
     out = np.empty((m, ny, nx), np.float32)
-    acc = np.empty(nx, np.float64)
-    for o in range(m):
-        b = starts[o]
-        for j in range(ny):
-            acc[:] = 0.0
-            for t in range(w):
-                wt = weights[o, t]
-                if wt != 0.0:
-                    for k in range(nx):
-                        acc[k] += wt * block[b + t, j, k]
-            for k in range(nx):
-                out[o, j, k] = acc[k]
+    for j in range(ny):
+        _rows(block[:, j, :], starts, weights, out[:, j, :], acc)
     return out

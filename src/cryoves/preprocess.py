@@ -31,32 +31,11 @@ def _axis_coords(n: int, m: int) -> np.ndarray:
     return (np.arange(m, dtype=np.float64) + 0.5) * (n / m) - 0.5
 
 
-def _interp_axis(a: np.ndarray, axis: int, coords: np.ndarray, order: int) -> np.ndarray:
-    """Sample ``a`` along ``axis`` at float ``coords`` (edge values beyond the ends)."""
-    n = a.shape[axis]
-    shape = [1] * a.ndim
-    shape[axis] = coords.size
-    if order == 0:
-        idx = np.clip(np.floor(coords + 0.5), 0, n - 1).astype(np.intp)
-        return np.take(a, idx, axis=axis)
-    x = np.clip(coords, 0, n - 1)
-    i0 = np.clip(np.floor(x), 0, max(n - 2, 0)).astype(np.intp)
-    w = (x - i0).astype(np.float32).reshape(shape)
-    lo = np.take(a, i0, axis=axis)
-    if n == 1:
-        return lo
-    hi = np.take(a, i0 + 1, axis=axis)
-    hi -= lo
-    hi *= w
-    lo += hi
-    return lo
-
-
 def _axis_weights(n: int, m: int, sigma: float, order: int) -> tuple[np.ndarray, np.ndarray]:
     """The linear map n → m input voxels of one axis as windows: output o is
     ``Σ_t weights[o, t] · input[starts[o] + t]``. Order 1: a Gaussian of ``sigma`` (scipy's
     ``gaussian_filter1d``: truncated at 4σ, edge values repeated), then linear interpolation at
-    :func:`_axis_coords` (edge values beyond the ends, as :func:`_interp_axis`); order 0: nearest."""
+    :func:`_axis_coords` (edge values beyond the ends); order 0: nearest."""
     c = _axis_coords(n, m)
     if order == 0:
         idx = np.clip(np.floor(c + 0.5), 0, n - 1).astype(np.int64)

@@ -234,6 +234,16 @@ class _ConvReLU(nn.Conv3d):
         )
 
 
+def _conv_relu_like(conv: nn.Conv3d) -> _ConvReLU:
+    """A :class:`_ConvReLU` with ``conv``'s weights, device, dtype and (channels-last) memory format."""
+    f = _ConvReLU(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding)
+    f = f.to(conv.weight.device, conv.weight.dtype).to(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        f.weight.copy_(conv.weight)
+        f.bias.copy_(conv.bias)
+    return f
+
+
 def fuse_conv_relu(net: UNet3D) -> UNet3D:
     """``net`` (from :func:`fused_inference_copy`, on the CPU) with each convolution and its ReLU
     fused into one oneDNN call, in place; unchanged where this torch build cannot (no oneDNN, or
@@ -244,23 +254,15 @@ def fuse_conv_relu(net: UNet3D) -> UNet3D:
     conv = blocks[0].conv
     probe = torch.linspace(-1, 1, conv.in_channels * 6**3).reshape(1, conv.in_channels, 6, 6, 6)
     probe = probe.to(conv.weight.dtype).contiguous(memory_format=torch.channels_last_3d)
-    fused = _ConvReLU(conv.in_channels, conv.out_channels, 3, padding=1).to(conv.weight.device, conv.weight.dtype)
     try:
         with torch.inference_mode():
-            fused.load_state_dict(conv.state_dict())
-            ok = torch.equal(fused(probe), F.relu(conv(probe)))
+            ok = torch.equal(_conv_relu_like(conv)(probe), F.relu(conv(probe)))
     except (RuntimeError, AttributeError, NotImplementedError):
         ok = False
     if not ok:
         return net
     for blk in blocks:
-        c = blk.conv
-        f = _ConvReLU(c.in_channels, c.out_channels, 3, padding=1).to(c.weight.device, c.weight.dtype)
-        with torch.no_grad():
-            f.weight.copy_(c.weight)
-            f.bias.copy_(c.bias)
-        f.weight.data = f.weight.data.contiguous(memory_format=torch.channels_last_3d)
-        blk[0] = f
+        blk[0] = _conv_relu_like(blk.conv)
         blk[2] = nn.Identity()
     return net
 

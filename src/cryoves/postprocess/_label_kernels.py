@@ -1,9 +1,12 @@
-"""Compiled per-label statistics of a label volume (:func:`cryoves.postprocess._common.label_statistics`).
+"""Compiled loops over label volumes and objects (numba, cached on disk), each checked against the
+library code it replaces (tests):
 
-One pass per z-slab, without the GIL, so slabs run on several threads; the merged result equals
-``cc3d.statistics`` (counts, bounding boxes, centroids as integer coordinate sums over counts),
-which holds the GIL and is single-threaded: four such passes over a 315 M-voxel label volume took
-7 s of the full-size benchmark's labelling.
+- :func:`slab_statistics`: per-label counts, boxes and centroids of one z-slab, without the GIL, so
+  :func:`cryoves.postprocess._common.label_statistics` runs slabs on threads (cc3d.statistics' numbers;
+  it holds the GIL: four passes over a 315 M-voxel volume took 7 s of the full-size benchmark);
+- :func:`apply_lut`: ``lut[labels]`` per slab for ``relabel``, on threads;
+- :func:`big_pieces_per_level`: the split threshold sweep of the adaptive labelling in one union-find pass;
+- :func:`reconstruct_by_dilation`: the grey reconstruction behind its h-maxima (scikit-image's result).
 """
 
 from __future__ import annotations

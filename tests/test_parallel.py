@@ -85,9 +85,38 @@ def test_fit_cache_skips_unchanged_objects(monkeypatch):
         again, _ = spheres.fit_spheres(sc.intensity, labels, sc.voxel_size, cache=cache)
         assert len(calls) == n_first and first.df.equals(again.df)  # nothing fitted twice
         one = labels.copy()
-        one[one == one.max()] = 0  # one object gone: only the objects near it start differently
-        spheres.fit_spheres(sc.intensity, one, sc.voxel_size, cache=cache)
-        assert len(calls) < 2 * n_first
+        one[one == one.max()] = 0  # one object gone: only the objects it reached start differently
+        before = len(calls)
+        reused, _ = spheres.fit_spheres(sc.intensity, one, sc.voxel_size, cache=cache)
+        fresh, _ = spheres.fit_spheres(sc.intensity, one, sc.voxel_size)
+        assert reused.df.equals(fresh.df)  # reuse is exact: the same table as fitting everything
+        assert len(calls) - before - len(fresh) < len(fresh)
+    finally:
+        parallel.set_workers(None)
+
+
+def test_fit_is_reused_only_while_the_same_neighbours_reach_into_its_boxes(monkeypatch):
+    """A cached fit is reused when a neighbour far from every box it looked at changes, and fitted
+    again when one that reaches into them does (its voxels would be masked differently)."""
+    sc = random_scene(n=6, shape=(48, 64, 64), seed=1)
+    labels, _ = adaptive.label_vesicles(sc.prob, 0.5, sc.voxel_size, min_radius_nm=3.0)
+    i, cen, r0, _ = spheres.initial_spheres(labels)[0]
+    opts = spheres._with_voxel_size(spheres.FitOptions(), sc.voxel_size)
+    far = (np.array([[cen[0], cen[1], cen[2] + 200.0]]), np.array([5.0]))
+    farther = (np.array([[cen[0], cen[1], cen[2] + 300.0]]), np.array([5.0]))
+    touching = (np.array([[cen[0], cen[1], cen[2] + 2 * r0]]), np.array([r0]))
+    calls = []
+    real = spheres._fit
+    monkeypatch.setattr(spheres, "_fit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    parallel.set_workers(1)
+    try:
+        cache: dict = {}
+        for others, fitted in ((far, 1), (farther, 0), (touching, 1), (touching, 0), (far, 1)):
+            before = len(calls)
+            spheres._fit_items(sc.intensity, [(i, cen, r0, others)], sc.voxel_size, opts, False, cache)
+            assert len(calls) - before == fitted
+            reaching = cache[spheres._item_key((i, cen, r0, others))][2]
+            assert bool(reaching) == (others is touching)
     finally:
         parallel.set_workers(None)
 

@@ -159,6 +159,29 @@ def test_cli_segment_and_errors(sim_files, tmp_path):
     assert r.exit_code == 2 and "not found" in r.output
 
 
+def test_console_process_exempts_its_objects_from_the_cycle_collector(sim_files, tmp_path, monkeypatch):
+    """`cryoves segment` as its own process freezes the objects alive between steps and at the end
+    (no full collection walks the modules' objects again); invoked inside a host process it does not."""
+    import gc
+    import sys
+
+    from cryoves import cli
+
+    _, d = sim_files
+    args = ["segment", str(d / "tomo.mrc"), "-o", str(tmp_path / "a"), "--from-probability", str(d / "prob.mrc")]
+    gc.unfreeze()
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert gc.get_freeze_count() == 0
+    frozen = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(1))
+    monkeypatch.setattr(cli, "_OWN_PROCESS", False)
+    monkeypatch.setattr(sys, "argv", ["cryoves", *args[:3], str(tmp_path / "b"), *args[4:]])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 0
+    assert len(frozen) >= 10  # every step of the pipeline and the exit
+
+
 def test_network_runs_only_on_the_box_of_the_mask(sim_files, tmp_path, monkeypatch):
     import cryoves.predict as pr
 

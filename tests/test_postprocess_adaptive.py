@@ -59,6 +59,23 @@ def test_chain_of_three_is_split_recursively():
     assert len(set(_ids_at(labels, cs))) == 3
 
 
+def test_islands_of_a_saturated_plateau_do_not_split_a_vesicle():
+    """Inside one vesicle a map near 1 breaks into islands only above 0.99 (0.9995 around two
+    0.9999 cores here): that is no merged pair, the object is not split; a pair whose map dips
+    between its balls is."""
+    from cryoves.postprocess.adaptive import _try_split
+
+    z, y, x = np.indices((24, 24, 36))
+    obj = (z - 12) ** 2 + (y - 12) ** 2 + (x - 18) ** 2 <= 10**2
+    prob = np.where(obj, 0.9995, 0.1).astype(np.float32)
+    for cx in (12, 24):  # two islands of 27 voxels, 12 apart
+        prob[11:14, 11:14, cx - 1 : cx + 2] = 0.9999
+    assert _try_split(prob, obj, 0.5, min_piece=20) is None
+    prob[obj & (np.abs(x - 18) <= 1)] = 0.9  # a valley between the two halves
+    pieces, th = _try_split(prob, obj, 0.5, min_piece=20)
+    assert th == 0.9 and set(np.unique(pieces[obj])) == {1, 2}
+
+
 def test_partly_detected_vesicle_is_grown():
     s = _scene([(20, 38, 38)])
     prob = s.prob.copy()

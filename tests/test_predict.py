@@ -325,3 +325,17 @@ def test_network_runs_only_around_the_region():
     assert not part.prob[:, :6].any() and not part.prob[:, 84:].any() and not part.prob[:, :, 74:].any()
     empty = predict_tomogram(tomo, model, region=(slice(0, 0),) * 3, **kw)
     assert empty.info["tiles"] == 0 and not empty.prob.any()
+
+
+def test_zero_outside_clears_exactly_what_lies_outside_the_box():
+    """Everything outside the network's box becomes 0 across slab boundaries; the box is not written
+    (the network fills it)."""
+    from cryoves.predict import zero_outside
+
+    for box in ((slice(5, 70), slice(3, 20), slice(0, 9)), (slice(0, 80), slice(0, 24), slice(0, 30)),
+                (slice(40, 41), slice(23, 24), slice(29, 30)), (slice(0, 0), slice(0, 0), slice(0, 0))):
+        arr = np.full((80, 24, 30), 7.0, np.float32)
+        zero_outside(arr, box, slab=16)
+        inside = np.zeros(arr.shape, bool)
+        inside[box] = True
+        assert (arr[inside] == 7).all() and not arr[~inside].any()

@@ -74,10 +74,18 @@ def _equiv_radius(volume: float) -> float:
 
 
 def _split_thresholds(t0: float) -> np.ndarray:
-    coarse = np.arange(0.01, 1.0, 0.01)
-    fine = 0.99 + np.arange(1, 10) * 0.001
-    finer = 0.999 + np.arange(1, 10) * 0.0001
-    t = np.round(np.concatenate([coarse, fine, finer]), 6)
+    """The thresholds tried by the map split: 0.01 ... 0.99 above ``t0``.
+
+    The original went on in steps of 0.001 and 0.0001 up to 0.9999. Up there the lumen of a single
+    vesicle falls apart into islands of its plateau: on the 200x400x400 speed tomogram 209 of 393
+    single-vesicle objects split at 0.997-0.9998, every merged pair below 0.88, and in dense pools no
+    merged object split first above 0.99. Those pieces were fitted, rejoined and fitted again, and a
+    large vesicle's fit then started from whichever pieces were rejoined. Without the two finer
+    ladders (dev seeds 501-506 and 601-606, both models): the same vesicles within one per
+    tomogram, Dice and centre error equal or better (large vesicles and VLPs: Δc 0.1-1.3 nm
+    smaller on five of six), and 32 instead of 324 splits on the speed tomogram.
+    """
+    t = np.round(np.arange(0.01, 1.0, 0.01), 6)
     return t[t > t0 + 1e-9]
 
 

@@ -186,27 +186,40 @@ def _extract(volume: np.ndarray, centre: np.ndarray, half: int) -> tuple[np.ndar
     return box, lo
 
 
+def _near(cs: np.ndarray, rs: np.ndarray, reach_boxes: np.ndarray) -> np.ndarray:
+    """Which neighbours (centres ``cs`` (K, 3), radii ``rs``) reach into any of the boxes
+    ``reach_boxes`` (rows lo z, y, x, hi z, y, x, reach): their surface comes nearer than ``reach``
+    to the box, the only neighbours that can mask a voxel of it."""
+    if len(rs) == 0 or len(reach_boxes) == 0:
+        return np.zeros(len(rs), bool)
+    lo, hi, reach = reach_boxes[:, None, :3], reach_boxes[:, None, 3:6], reach_boxes[:, None, 6]
+    gap = np.linalg.norm(np.clip(cs[None], lo, hi) - cs[None], axis=2) - rs[None]
+    return (gap < reach).any(axis=0)
+
+
 def _extract_masked(
     volume: np.ndarray,
     centre: np.ndarray,
     radius: float,
     half: int,
     others: tuple[np.ndarray, np.ndarray] | None,
+    boxes: list | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """As :func:`_extract`; voxels nearer to a neighbouring sphere's surface than to this vesicle's
     (``others`` = (centres (K, 3), radii (K,)) in voxels) are set to NaN so neighbours do not pull
-    the fit."""
+    the fit. ``boxes`` (a list) receives the box and reach (see :func:`_near`)."""
     box, origin = _extract(volume, centre, half)
+    n = box.shape[0]
+    # only voxels within `half` of the centre are used, where own <= half + 1 - radius
+    where = np.array([*origin, *(origin + n - 1), half + 1.0 - radius], float)[None]
+    if boxes is not None:
+        boxes.append(where[0])
     if others is None or len(others[1]) == 0:
         return box, origin
-    n = box.shape[0]
-    lo, hi = origin, origin + n - 1
-    # only voxels within `half` of the centre are used, where own <= half + 1 - radius
-    reach = half + 1.0 - radius
     cs, rs = np.asarray(others[0], float), np.asarray(others[1], float)
-    gap = np.linalg.norm(np.clip(cs, lo, hi) - cs, axis=1) - rs
-    near = gap < reach
+    near = _near(cs, rs, where)
     if near.any():
+        reach = float(where[0, 6])
         _kernels().mask_neighbours(box, origin, np.asarray(centre, float), float(radius), reach,
                                      np.ascontiguousarray(cs[near]), np.ascontiguousarray(rs[near]))
     return box, origin
@@ -478,7 +491,11 @@ def _fit(
     radius: float,
     opts: FitOptions,
     others: tuple[np.ndarray, np.ndarray] | None = None,
+    boxes: list | None = None,
 ) -> SphereFit:
+    """Fit one sphere from ``centre``/``radius``; ``boxes`` (a list) receives every box the fit
+    looked at (see :func:`_extract_masked`): the fit depends on the neighbours only through those
+    that reach into them."""
     c = np.asarray(centre, dtype=float).copy()
     c0 = c.copy()
     # the centring iterations use the steepest-rise edge (a capture range tuned for it, robust from
@@ -492,7 +509,7 @@ def _fit(
     coarse = True  # cross-correlation steps first (wide capture), then Gauss-Newton (exact)
     it = 0
     for it in range(1, opts.max_iter + 1):  # noqa: B007 - the last value is reported as n_iter
-        box, origin = _extract_masked(volume, c, r_cur, _half_size(r_cur, opts), others)
+        box, origin = _extract_masked(volume, c, r_cur, _half_size(r_cur, opts), others, boxes)
         geo = _Geometry(box, origin, c, opts)
         r, p = geo.radii, geo.profile
         mem = _membrane(r, p, r_cur, opts)
@@ -526,7 +543,7 @@ def _fit(
     if converged:  # the last shift was below tol: reuse that iteration's box and profile
         box, geo, r, p, mem = last
     else:
-        box, origin = _extract_masked(volume, c, r_cur, _half_size(r_cur, opts), others)
+        box, origin = _extract_masked(volume, c, r_cur, _half_size(r_cur, opts), others, boxes)
         geo = _Geometry(box, origin, c, opts)
         r, p = geo.radii, geo.profile
         mem = _membrane(r, p, r_cur, opts)
@@ -734,20 +751,26 @@ def _fit_items(
     intensity: np.ndarray, items: list, vs: float, opts: FitOptions, progress: bool, cache: dict | None = None
 ):
     """Fit every item (id, centre, radius, neighbours) on the worker processes
-    (:mod:`cryoves.parallel`). ``cache`` maps an item's start (centre, radius, neighbours) to its
-    outcome: an item met before is not fitted again (the fit depends on nothing else)."""
+    (:mod:`cryoves.parallel`). ``cache`` maps an item's start (centre, radius) to its outcome, the
+    boxes the fit looked at and the neighbours that reached into them: an item with that start is
+    not fitted again when the same neighbours (no more, no fewer) reach into those boxes -- the fit
+    would repeat every step exactly."""
     from cryoves import parallel
 
-    keys = [_item_key(it) for it in items]
     cache = {} if cache is None else cache
-    todo = {k: it for it, k in zip(items, keys, strict=True) if k not in cache}  # one fit per start
+    keys = [_item_key(it) for it in items]
+    todo = [k for k, (it, key) in enumerate(zip(items, keys, strict=True))
+            if key not in cache or cache[key][2] != _reaching(it[3], cache[key][1])]
     with parallel.shared(intensity, parallel.workers() > 1 and len(todo) > 1) as volume:
-        tasks = [(volume, chunk, opts) for chunk in parallel.chunks(list(todo.values()))]
+        tasks = [(volume, chunk, opts) for chunk in parallel.chunks([items[k] for k in todo])]
         done = parallel.pmap(_fit_task, tasks, progress="fitting spheres" if progress else None)
-    cache.update(zip(todo, (out for outcomes in done for out in outcomes), strict=True))
+    outcomes = {}
+    for k, (out, boxes) in zip(todo, (o for chunk in done for o in chunk), strict=True):
+        outcomes[k] = out
+        cache[keys[k]] = (out, boxes, _reaching(items[k][3], boxes))
     ids, fits, rejected = [], [], []
-    for (i, cen, r0, _), key in zip(items, keys, strict=True):
-        out = cache[key]
+    for k, ((i, cen, r0, _), key) in enumerate(zip(items, keys, strict=True)):
+        out = outcomes[k] if k in outcomes else cache[key][0]
         if isinstance(out, str):
             rejected.append((i, cen, r0, out))
             continue
@@ -762,20 +785,31 @@ def _fit_items(
 
 def _item_key(item) -> tuple:
     _, cen, r0, others = item
-    return (np.asarray(cen, float).tobytes(), float(r0),
-            None if others is None else (np.asarray(others[0]).tobytes(), np.asarray(others[1]).tobytes()))
+    return (np.asarray(cen, float).tobytes(), float(r0), others is None)
+
+
+def _reaching(others: tuple[np.ndarray, np.ndarray] | None, boxes: np.ndarray) -> frozenset:
+    """The neighbours (centre, radius) that reach into ``boxes`` (see :func:`_near`)."""
+    if others is None or len(others[1]) == 0:
+        return frozenset()
+    cs, rs = np.asarray(others[0], float), np.asarray(others[1], float)
+    near = _near(cs, rs, boxes)
+    return frozenset(map(tuple, np.column_stack([cs[near], rs[near]]).tolist()))
 
 
 def _fit_task(task) -> list:
-    """Worker side of :func:`_fit_items`: a SphereFit or the failure's reason per item."""
+    """Worker side of :func:`_fit_items`: (a SphereFit or the failure's reason, the boxes the fit
+    looked at) per item."""
     from cryoves.parallel import attached
 
     volume, items, opts = task
     out: list = []
     with attached(volume) as vol:
         for _, cen, r0, others in items:
+            boxes: list = []
             try:
-                out.append(_fit(vol, cen, r0, opts, others))
+                res = _fit(vol, cen, r0, opts, others, boxes)
             except FitFailure as exc:
-                out.append(str(exc))
+                res = str(exc)
+            out.append((res, np.array(boxes).reshape(-1, 7)))
     return out

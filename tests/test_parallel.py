@@ -27,6 +27,16 @@ def _pid(_: int) -> int:
     return os.getpid()
 
 
+def _ready_kernels(_: int) -> dict[str, int]:
+    """Compiled versions each kernel holds in this worker before it has run anything."""
+    from cryoves.postprocess import _fit_kernels, _label_kernels
+
+    kernels = {"big_pieces_per_level": _label_kernels.big_pieces_per_level,
+               "reconstruct_by_dilation": _label_kernels.reconstruct_by_dilation,
+               "geometry": _fit_kernels.geometry, "mask_neighbours": _fit_kernels.mask_neighbours}
+    return {name: len(k.overloads) for name, k in kernels.items()}
+
+
 def _total(ref) -> float:
     with parallel.attached(ref) as arr:
         return float(arr.sum())
@@ -35,6 +45,14 @@ def _total(ref) -> float:
 def test_pmap_runs_on_other_processes_in_order(two_workers):
     assert parallel.pmap(abs, list(range(-20, 0))) == list(range(20, 0, -1))
     assert os.getpid() not in set(parallel.pmap(_pid, list(range(8))))
+
+
+def test_workers_start_with_the_kernels_compiled(two_workers):
+    """The server that forks the workers ran every kernel once (numba's start-up cost ~0.4 s per
+    process): a fresh worker holds their machine code before its first task."""
+    parallel.shutdown()  # fresh workers
+    for ready in parallel.pmap(_ready_kernels, [0, 1]):
+        assert all(n >= 1 for n in ready.values()), ready
 
 
 @pytest.mark.parametrize("room", [True, False], ids=["shm", "file"])

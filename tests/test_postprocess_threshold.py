@@ -45,6 +45,26 @@ def test_scores_equal_bruteforce_erosion(slab):
     assert not res.fallback
 
 
+def test_slabs_on_threads_give_the_numbers_of_one_thread(monkeypatch):
+    """The slabs run on threads and their sums are added in slab order: the scores of the loop, bit
+    for bit."""
+    from cryoves import parallel
+
+    rng = np.random.default_rng(4)
+    prob = gaussian_filter(rng.random((40, 24, 28)), 1.5).astype(np.float32)
+    prob = (prob - prob.min()) / (prob.max() - prob.min())
+    inten = rng.normal(size=prob.shape).astype(np.float32)
+    t = np.round(np.linspace(0.3, 0.95, 14), 3)
+    runs, mapped = [], []
+    real = parallel.thread_map
+    monkeypatch.setattr(parallel, "thread_map", lambda fn, items: mapped.append(len(items)) or real(fn, items))
+    for n in (1, 3):
+        monkeypatch.setattr(parallel, "workers", lambda n=n: n)
+        runs.append(global_threshold(prob, inten, thresholds=t, slab=4).scores)
+    assert mapped == [10, 10]  # the 10 slabs of 4 sections went through the thread map
+    assert np.array_equal(runs[0], runs[1])
+
+
 def test_default_grid_on_vesicles_matches_bruteforce():
     s = random_scene(n=5, shape=(40, 56, 56), seed=3)
     res = global_threshold(s.prob, s.intensity)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cryoves import parallel
 from cryoves.errors import ParameterError
 from cryoves.postprocess._common import check_same_shape, check_volume
 
@@ -108,13 +109,16 @@ def global_threshold(
     # compare in prob's dtype, exactly as `prob > t` does for a Python float t
     ts = t[order].astype(prob.dtype)
     nz = prob.shape[0]
-    sums = np.zeros(len(t))
-    counts = np.zeros(len(t))
-    for z0 in range(0, nz, slab):
+
+    def one_slab(z0: int) -> tuple[np.ndarray, np.ndarray]:
         z1 = min(z0 + slab, nz)
         a, b = max(z0 - 1, 0), min(z1 + 1, nz)
         m = neighbourhood_min(prob[a:b])[z0 - a : z0 - a + (z1 - z0)]
-        s, c = _slab_sums(prob[z0:z1].ravel(), m.ravel(), intensity[z0:z1].ravel(), ts)
+        return _slab_sums(prob[z0:z1].ravel(), m.ravel(), intensity[z0:z1].ravel(), ts)
+
+    sums = np.zeros(len(t))
+    counts = np.zeros(len(t))
+    for s, c in parallel.thread_map(one_slab, range(0, nz, slab)):  # added in slab order: the loop's sums
         sums += s
         counts += c
     scores_sorted = np.full(len(t), np.inf)

@@ -159,6 +159,15 @@ def test_cli_segment_and_errors(sim_files, tmp_path):
     assert r.exit_code == 2 and "not found" in r.output
 
 
+def test_labels_are_rendered_in_the_type_the_file_stores(sim_files):
+    """The final labels are uint16 while the ids fit, the type labels.mrc holds (no conversion of a
+    full-size volume on writing), with the same values as a uint32 rendering."""
+    _, d = sim_files
+    res = segment(d / "tomo.mrc", None, _cfg(d))
+    assert len(res.vesicles) > 0 and res.labels.dtype == np.uint16
+    assert np.array_equal(res.labels, res.vesicles.to_labels(res.labels.shape, dtype=np.uint32))
+
+
 def test_console_process_exempts_its_objects_from_the_cycle_collector(sim_files, tmp_path, monkeypatch):
     """`cryoves segment` as its own process freezes the objects alive between steps and at the end
     (no full collection walks the modules' objects again); invoked inside a host process it does not."""

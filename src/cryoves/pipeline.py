@@ -101,8 +101,8 @@ class SegmentResult:
     probability: np.ndarray
     """The map; a read-only memory map of the written file when an output folder was given."""
     labels: np.ndarray
-    """The final labels; a read-only memory map of ``labels.mrc`` (its integer type) when an output
-    folder was given."""
+    """The final labels (uint16, uint32 beyond 65,535 vesicles); a read-only memory map of
+    ``labels.mrc`` (its integer type) when an output folder was given."""
     manifest: dict[str, Any]
     outdir: Path | None = None
     stage_labels: dict[str, np.ndarray] = field(default_factory=dict)
@@ -467,7 +467,9 @@ def _segment(
         vesicles, rej_region = steps.run("region", 0.93, vesicles_in_region, vesicles, cyto)
         rejected_parts.append(rej_region)
     vesicles, rejected = _final_ids(vesicles.with_grid(tomo.shape, tomo.origin), _rejected_frame(*rejected_parts))
-    final_labels = steps.run("render", 0.95, vesicles.to_labels)
+    # uint16 when the ids fit (what the MRC file stores anyway): half the memory, no conversion on writing
+    wide = len(vesicles) and int(vesicles.ids.max()) > np.iinfo(np.uint16).max
+    final_labels = steps.run("render", 0.95, vesicles.to_labels, dtype=np.uint32 if wide else np.uint16)
 
     manifest = segment_manifest(
         version=__version__,

@@ -202,3 +202,26 @@ def test_a_fit_without_a_membrane_near_the_object_does_not_run_away(monkeypatch)
     with pytest.raises(sp.FitFailure, match="ran away"):
         sp._fit(sc.intensity, sc.centres[0], 5.0, opts)
     assert max(guesses) <= sp.MAX_RADIUS_GROWTH * 5 + 10  # no box was cut for the runaway radius
+
+
+def test_profile_correlation_is_spearman_of_each_profile_with_the_median_profile():
+    """Rows ranked together in groups of equal valid radii give each row's own Spearman correlation
+    over its valid radii (ties, profiles of different lengths, too short ones NaN)."""
+    from scipy.stats import spearmanr
+
+    from cryoves.postprocess.spheres import profile_correlation
+
+    rng = np.random.default_rng(5)
+    prof = np.round(rng.normal(size=(60, 20)), 1)  # rounding makes ties
+    for i, end in enumerate(rng.integers(3, 21, len(prof))):
+        prof[i, end:] = np.nan
+    prof[7] = 2.0  # constant: no correlation defined
+    got = profile_correlation(prof)
+    with np.errstate(all="ignore"):
+        ref = np.nanmedian(prof, axis=0)
+    for row, r in zip(prof, got, strict=True):
+        m = np.isfinite(row) & np.isfinite(ref)
+        if m.sum() < 5 or np.ptp(row[m]) == 0:
+            assert np.isnan(r)
+        else:
+            assert r == pytest.approx(spearmanr(row[m], ref[m]).statistic, abs=1e-12)

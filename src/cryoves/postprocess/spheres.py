@@ -626,16 +626,20 @@ def profile_correlation(profiles: np.ndarray) -> np.ndarray:
     if len(profiles) == 0:
         return np.zeros(0)
     ref = np.nanmedian(profiles, axis=0)
-    ok = np.isfinite(ref)
+    valid = np.isfinite(ref)[None] & np.isfinite(profiles)
     out = np.full(len(profiles), np.nan)
-    for i, row in enumerate(profiles):
-        m = ok & np.isfinite(row)
+    # the rows sharing one set of valid radii (profiles end at their box edge: a few sets) are
+    # ranked together, the arithmetic of one row at a time
+    sets, which = np.unique(valid, axis=0, return_inverse=True)
+    for k, m in enumerate(sets):
+        rows = np.flatnonzero(which.ravel() == k)
         if m.sum() < 5:
             continue
-        a, b = rankdata(row[m]), rankdata(ref[m])
-        a, b = a - a.mean(), b - b.mean()
-        den = np.sqrt((a * a).sum() * (b * b).sum())
-        out[i] = (a * b).sum() / den if den > 0 else np.nan
+        a, b = rankdata(profiles[np.ix_(rows, m)], axis=1), rankdata(ref[m])
+        a, b = a - a.mean(axis=1, keepdims=True), b - b.mean()
+        den = np.sqrt((a * a).sum(axis=1) * (b * b).sum())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[rows] = np.where(den > 0, (a * b).sum(axis=1) / den, np.nan)
     return out
 
 

@@ -153,3 +153,26 @@ def test_an_older_rejected_table_with_duplicate_ids_still_opens(tmp_path):
     )
     res = open_result(tmp_path)
     assert list(res.rejected.ids) == [3, 4] and list(res.rejected.df["step"]) == ["label", "fit"]
+
+
+def test_a_checksum_started_in_the_background_is_used_once_and_only_for_the_unchanged_file(tmp_path, monkeypatch):
+    """`segment` starts hashing its input before the heavy imports: the checksum step then waits
+    for that result instead of reading the file again; a file changed since is hashed anew."""
+    import hashlib
+
+    from cryoves import checksum
+
+    f = tmp_path / "tomo.bin"
+    f.write_bytes(b"a" * 5_000_000)
+    reads = []
+    real = checksum._hash
+    monkeypatch.setattr(checksum, "_hash", lambda p, c: reads.append(p) or real(p, c))
+    checksum.hash_in_background(f)
+    assert checksum.file_sha256(f) == hashlib.sha256(b"a" * 5_000_000).hexdigest()
+    assert len(reads) == 1  # the background thread's read only
+    assert checksum.file_sha256(f) == hashlib.sha256(b"a" * 5_000_000).hexdigest() and len(reads) == 2
+    checksum.hash_in_background(f)
+    f.write_bytes(b"b" * 5_000_001)  # changed after the start: the started result is not used
+    assert checksum.file_sha256(f) == hashlib.sha256(b"b" * 5_000_001).hexdigest()
+    checksum.hash_in_background(tmp_path)  # a folder (OME-Zarr): nothing started
+    assert checksum.file_sha256(f) == hashlib.sha256(b"b" * 5_000_001).hexdigest()

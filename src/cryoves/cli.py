@@ -345,6 +345,9 @@ def segment_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Segment the vesicles of TOMOGRAM into exact spheres; write tables, labels, IMOD and pyto files."""
+    from cryoves.checksum import hash_in_background
+
+    hash_in_background(tomogram)  # on another core while the pipeline's modules load
     from cryoves.pipeline import SegmentConfig, segment
 
     cfg = SegmentConfig(

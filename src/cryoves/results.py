@@ -12,7 +12,6 @@ Every other module names these files through :data:`OUTPUT_FILES` and :data:`MAN
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import numpy as np
 
 from cryoves import parallel
 from cryoves.atomic import _as_output_error, write_json_atomic
+from cryoves.checksum import file_sha256
 from cryoves.errors import FormatError, InputError, OutputError, OutputExistsError
 from cryoves.vesicles import RejectedTable, VesicleTable
 
@@ -54,12 +54,6 @@ SEGMENT_KIND = "segment"
 REVIEW_KIND = "review"
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------- manifests

@@ -89,13 +89,19 @@ def test_fits_and_splits_match_one_process(monkeypatch):
     assert t1.equals(t2) and r1.equals(r2)
 
 
-def test_fit_cache_skips_unchanged_objects(monkeypatch):
+def _counted_fits(monkeypatch):
+    """A small labelled scene, and the list that records every sphere fit (run in this process)."""
     sc = random_scene(n=6, shape=(48, 64, 64), seed=1)
     labels, _ = adaptive.label_vesicles(sc.prob, 0.5, sc.voxel_size, min_radius_nm=3.0)
-    calls = []
+    calls: list = []
     real = spheres._fit
     monkeypatch.setattr(spheres, "_fit", lambda *a, **k: calls.append(1) or real(*a, **k))
     parallel.set_workers(1)
+    return sc, labels, calls
+
+
+def test_fit_cache_skips_unchanged_objects(monkeypatch):
+    sc, labels, calls = _counted_fits(monkeypatch)
     try:
         cache: dict = {}
         first, _ = spheres.fit_spheres(sc.intensity, labels, sc.voxel_size, cache=cache)
@@ -116,17 +122,12 @@ def test_fit_cache_skips_unchanged_objects(monkeypatch):
 def test_fit_is_reused_only_while_the_same_neighbours_reach_into_its_boxes(monkeypatch):
     """A cached fit is reused when a neighbour far from every box it looked at changes, and fitted
     again when one that reaches into them does (its voxels would be masked differently)."""
-    sc = random_scene(n=6, shape=(48, 64, 64), seed=1)
-    labels, _ = adaptive.label_vesicles(sc.prob, 0.5, sc.voxel_size, min_radius_nm=3.0)
+    sc, labels, calls = _counted_fits(monkeypatch)
     i, cen, r0, _ = spheres.initial_spheres(labels)[0]
     opts = spheres._with_voxel_size(spheres.FitOptions(), sc.voxel_size)
     far = (np.array([[cen[0], cen[1], cen[2] + 200.0]]), np.array([5.0]))
     farther = (np.array([[cen[0], cen[1], cen[2] + 300.0]]), np.array([5.0]))
     touching = (np.array([[cen[0], cen[1], cen[2] + 2 * r0]]), np.array([r0]))
-    calls = []
-    real = spheres._fit
-    monkeypatch.setattr(spheres, "_fit", lambda *a, **k: calls.append(1) or real(*a, **k))
-    parallel.set_workers(1)
     try:
         cache: dict = {}
         for others, fitted in ((far, 1), (farther, 0), (touching, 1), (touching, 0), (far, 1)):

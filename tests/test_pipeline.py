@@ -168,6 +168,29 @@ def test_labels_are_rendered_in_the_type_the_file_stores(sim_files):
     assert np.array_equal(res.labels, res.vesicles.to_labels(res.labels.shape, dtype=np.uint32))
 
 
+def test_cli_starts_the_workers_and_the_input_checksum_before_the_pipeline(sim_files, tmp_path, monkeypatch):
+    """`cryoves segment` starts the post-processing workers' server and hashes its input in the
+    background first (they use the core that idles while the pipeline imports)."""
+    from types import SimpleNamespace
+
+    import cryoves.pipeline as pl
+    from cryoves import checksum, parallel
+
+    _, d = sim_files
+    events = []
+    monkeypatch.setattr(parallel, "warm_up", lambda: events.append("workers"))
+    monkeypatch.setattr(checksum, "hash_in_background", lambda path: events.append(("hash", str(path))))
+
+    def fake_segment(*_a, **_k):
+        events.append("segment")
+        return SimpleNamespace(vesicles=[], rejected=[], manifest={"timings_s": {}})
+
+    monkeypatch.setattr(pl, "segment", fake_segment)
+    r = CliRunner().invoke(app, ["segment", str(d / "tomo.mrc"), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert events == [("hash", str(d / "tomo.mrc")), "workers", "segment"]
+
+
 def test_console_process_exempts_its_objects_from_the_cycle_collector(sim_files, tmp_path, monkeypatch):
     """`cryoves segment` as its own process freezes the objects alive between steps and at the end
     (no full collection walks the modules' objects again); invoked inside a host process it does not."""

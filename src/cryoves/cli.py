@@ -347,7 +347,13 @@ def segment_cmd(
     """Segment the vesicles of TOMOGRAM into exact spheres; write tables, labels, IMOD and pyto files."""
     from cryoves.checksum import hash_in_background
 
-    hash_in_background(tomogram)  # on another core while the pipeline's modules load
+    # on the core that idles while this process imports the pipeline: the input's checksum and the
+    # post-processing workers' server (its imports and compiled kernels)
+    hash_in_background(tomogram)
+    if workers is None and scheduler is None:
+        from cryoves import parallel
+
+        parallel.warm_up()
     from cryoves.pipeline import SegmentConfig, segment
 
     cfg = SegmentConfig(

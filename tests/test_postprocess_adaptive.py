@@ -232,3 +232,25 @@ def test_h_maxima_and_reconstruction_equal_scikit_image():
         seed = img - h
         assert np.array_equal(reconstruct_by_dilation(seed, img), reconstruction(seed, img, method="dilation"))
         assert np.array_equal(_h_maxima(img, h), h_maxima(img, h).astype(bool)), trial
+
+
+def test_objects_are_measured_once_and_updated_where_they_change(monkeypatch):
+    """The labelling measures the whole volume once; the objects each step changes are measured in
+    their boxes, with the numbers a whole-volume measurement gives (same labels and rejections)."""
+    import cryoves.postprocess.adaptive as ad
+
+    s = _scene([(20, 38, 32), (20, 38, 44)], radius=6.5)  # a merged pair among singles
+    passes = []
+    real = ad._objects
+    monkeypatch.setattr(ad, "_objects", lambda labels: passes.append(1) or real(labels))
+    labels, rej = label_vesicles(s.prob, 0.5, VS, min_radius_nm=4)
+    assert len(passes) == 1
+    rng = np.random.default_rng(2)
+    lab = rng.integers(0, 5, (12, 14, 16)).astype(np.uint32)
+    box = (slice(0, 12), slice(0, 14), slice(0, 16))
+    whole = {o.id: o for o in real(lab)}
+    local = ad._objects_in(lab, box, range(1, 7))
+    assert set(local) == set(whole)
+    for i, o in whole.items():
+        q = local[i]
+        assert (q.volume, q.extent, q.box) == (o.volume, o.extent, o.box) and np.array_equal(q.centroid, o.centroid)

@@ -64,6 +64,23 @@ def _objects(labels: np.ndarray) -> list[_Obj]:
     return out
 
 
+def _objects_in(labels: np.ndarray, box: tuple[slice, ...], ids) -> dict[int, _Obj]:
+    """The objects ``ids`` of ``labels`` that lie wholly inside ``box``, measured there: the numbers
+    :func:`_objects` gives for them (integer coordinate sums / count), without a pass over the volume."""
+    sub = labels[box]
+    out = {}
+    for i in ids:
+        idx = np.nonzero(sub == i)
+        n = len(idx[0])
+        if not n:
+            continue
+        bb = tuple(slice(int(a.min()) + s.start, int(a.max()) + 1 + s.start) for a, s in zip(idx, box))
+        bvol = np.prod([b.stop - b.start for b in bb])
+        sums = np.array([int(a.sum()) + n * s.start for a, s in zip(idx, box)], np.int64)
+        out[int(i)] = _Obj(int(i), n, float(n) / float(bvol), bb, sums / np.float64(n))
+    return out
+
+
 def _pad_box(box: tuple[slice, ...], pad: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
     """Enlarge a box by ``pad`` voxels per side, clipped to the volume (never a negative start)."""
     return tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(box, shape))
@@ -165,14 +182,15 @@ def _needs_split(volume: int, extent: float, elong: float, stats: tuple[float, f
 _LOCAL_IDS = np.uint32(2**31)
 
 
-def _separate(prob, labels, threshold, min_piece, opts) -> int:
-    """Split merged objects in place; return the number of splits.
+def _separate(prob, labels, threshold, min_piece, opts, objects: dict[int, _Obj]) -> int:
+    """Split merged objects in place; return the number of splits. ``objects`` (id -> object, of
+    ``labels``) is kept up to date.
 
     Each merged object is split recursively on its own (on the worker processes); the pieces get
     the ids of a depth-first pass over the objects from the last to the first, in one process."""
     from cryoves import parallel
 
-    objs = _objects(labels)
+    objs = [objects[i] for i in sorted(objects)]
     if len(objs) < 2:
         return 0
     vols = np.array([o.volume for o in objs], float)
@@ -185,13 +203,15 @@ def _separate(prob, labels, threshold, min_piece, opts) -> int:
                       stats, min_piece, opts))
     done = parallel.pmap(_split_many, parallel.chunks(tasks))
     results = [r for chunk in done for r in chunk]
-    next_id = int(labels.max()) + 1
+    next_id = max(objects) + 1
     n_splits = 0
     for o, (made, n_new, n) in reversed(list(zip(todo, results, strict=True))):
         if not n:
             continue
         lab_box = labels[_pad_box(o.box, opts["box_pad"], labels.shape)]
         lab_box[lab_box == o.id] = np.where(made >= _LOCAL_IDS, made - _LOCAL_IDS + np.uint32(next_id), made)
+        del objects[o.id]
+        objects.update(_objects_in(labels, o.box, range(next_id, next_id + n_new)))
         next_id += n_new
         n_splits += n
     return n_splits
@@ -267,23 +287,27 @@ def _split_by_shape(obj: np.ndarray, depth: float, min_core: float, z_scale: flo
     return watershed(-dist, markers.astype(np.int32), mask=obj, connectivity=1).astype(np.int32)
 
 
-def _separate_by_shape(labels, min_r_vox, opts) -> int:
-    """Split every object whose shape holds several balls (see :func:`_split_by_shape`), in place;
-    the objects are examined on the worker processes, the fresh ids given here in object order."""
+def _separate_by_shape(labels, min_r_vox, opts, objects: dict[int, _Obj]) -> int:
+    """Split every object whose shape holds several balls (see :func:`_split_by_shape`), in place
+    (``objects`` kept up to date); the objects are examined on the worker processes, the fresh ids
+    given here in object order."""
     from cryoves import parallel
 
     depth = opts["shape_depth"] * min_r_vox
     min_core = opts["shape_min_core"] * min_r_vox
-    objs = _objects(labels)
+    objs = [objects[i] for i in sorted(objects)]
     boxes = [_pad_box(o.box, 1, labels.shape) for o in objs]
     tasks = [(labels[b] == o.id, depth, min_core, opts["shape_z_scale"]) for o, b in zip(objs, boxes, strict=True)]
     done = parallel.pmap(_shape_many, parallel.chunks(tasks))
-    next_id = int(labels.max()) + 1
+    next_id = max(objects, default=0) + 1
     n = 0
-    for (obj, *_), pbox, pieces in zip(tasks, boxes, (p for chunk in done for p in chunk), strict=True):
+    for o, (obj, *_), pbox, pieces in zip(objs, tasks, boxes, (p for chunk in done for p in chunk), strict=True):
         if pieces is None:
             continue
-        next_id += len(_give_fresh_ids(labels[pbox], obj, pieces, next_id))
+        new_ids = _give_fresh_ids(labels[pbox], obj, pieces, next_id)
+        del objects[o.id]
+        objects.update(_objects_in(labels, o.box, new_ids))
+        next_id += len(new_ids)
         n += 1
     return n
 
@@ -292,12 +316,13 @@ def _shape_many(tasks: list) -> list:
     return [_split_by_shape(*t) for t in tasks]
 
 
-def _expand(prob, labels, threshold, min_vol, opts) -> int:
-    """Grow objects smaller than ``min_vol`` by lowering the threshold locally; return how many grew."""
+def _expand(prob, labels, threshold, min_vol, opts, objects: dict[int, _Obj]) -> int:
+    """Grow objects smaller than ``min_vol`` by lowering the threshold locally (``objects`` kept up
+    to date); return how many grew."""
     n = 0
     pad = opts["expand_pad"]
     steps = np.arange(threshold - opts["expand_step"], opts["expand_min"] - 1e-9, -opts["expand_step"])
-    for o in _objects(labels):
+    for o in [objects[i] for i in sorted(objects)]:
         if o.volume >= min_vol:
             continue
         pbox = _pad_box(o.box, pad, labels.shape)
@@ -320,6 +345,7 @@ def _expand(prob, labels, threshold, min_vol, opts) -> int:
                 break
             if comp.sum() >= min_vol:
                 lab_box[comp] = o.id
+                objects.update(_objects_in(labels, pbox, [o.id]))
                 n += 1
                 break
     return n
@@ -390,22 +416,25 @@ def label_vesicles(
         raise ParameterError(f"min_volume_fraction must be between 0 and 1, got {min_volume_fraction}")
     min_vol = min_volume_fraction * 4.0 / 3.0 * np.pi * min_r_vox**3
     labels = cc3d.connected_components(prob > threshold, connectivity=CONNECTIVITY, out_dtype=np.uint32)
-    log.info("threshold %.3f: %d connected components", threshold, int(labels.max()))
+    # measured once; each step below updates the objects it changes (a pass over a 315 M-voxel
+    # volume takes 0.6 s)
+    objects = {o.id: o for o in _objects(labels)}
+    log.info("threshold %.3f: %d connected components", threshold, len(objects))
     if separate:
         min_piece = max(8, int(0.1 * min_vol))
-        n = _separate(prob, labels, threshold, min_piece, opts)
+        n = _separate(prob, labels, threshold, min_piece, opts, objects)
         log.info("split %d merged objects", n)
     if shape_split:
         opts.update(shape_depth=shape_depth, shape_min_core=shape_min_core, shape_z_scale=shape_z_scale)
-        n = _separate_by_shape(labels, min_r_vox, opts)
+        n = _separate_by_shape(labels, min_r_vox, opts, objects)
         log.info("split %d objects holding several balls", n)
     if expand:
         opts["expand_pad"] = int(np.ceil(2 * min_r_vox)) + 2
-        n = _expand(prob, labels, threshold, min_vol, opts)
+        n = _expand(prob, labels, threshold, min_vol, opts, objects)
         log.info("grew %d partly detected objects", n)
     rejected: list[tuple[int, np.ndarray, float, str]] = []
-    objs = _objects(labels)
-    drop = np.zeros(int(labels.max()) + 1, dtype=bool)
+    objs = [objects[i] for i in sorted(objects)]
+    drop = np.zeros(max(objects, default=0) + 1, dtype=bool)
     for o in objs:
         reason = None
         if o.volume < min_vol:

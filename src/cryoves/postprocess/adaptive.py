@@ -2,7 +2,7 @@
 
 Connected components use 6-connectivity everywhere. Merged vesicles are split in two passes:
 
-1. by the map: the threshold is raised locally until the object falls apart (recursively); the voxels
+1. by the map: the threshold is raised locally (to 0.99 at most) until the object falls apart (recursively); the voxels
    of the merged object that drop below the new threshold are given back to the nearest piece by a
    watershed on the probability, so nothing is lost;
 2. by the shape: in dense pools (coats fill the 1-3 nm gaps, the missing wedge smears vesicles along z)

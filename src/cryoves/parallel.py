@@ -40,10 +40,9 @@ log = logging.getLogger(__name__)
 _workers: int | None = None
 _pool: ProcessPoolExecutor | None = None
 _pool_size = 0
-#: modules the server imports once, so that each forked worker starts ready (the last one runs the
-#: compiled kernels once: numba's start-up happens in the server, not in every worker)
-PRELOAD = ["cryoves.postprocess.spheres", "cryoves.postprocess._fit_kernels", "cryoves.postprocess.adaptive",
-           "cryoves.postprocess._label_kernels", "cryoves.postprocess._warm"]
+#: what the server imports once, so that each forked worker starts ready: the post-processing
+#: modules, whose compiled kernels it also runs once (numba's start-up in the server, not in every worker)
+PRELOAD = ["cryoves.postprocess._warm"]
 
 
 def cpu_count() -> int:

@@ -142,6 +142,52 @@ def test_resource_error_before_starting(monkeypatch):
         predict_array(random_net(0), np.zeros((8, 8, 8), np.float32), tile=256, progress=False)
 
 
+def _faults_and_rss(loop) -> tuple[int, int]:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    loop()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    with open("/proc/self/statm") as f:
+        return faults, int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_keep_freed_memory_maps_repeated_large_blocks_once():
+    from cryoves._malloc import _LIBC, keep_freed_memory
+
+    if _LIBC is None:
+        pytest.skip("glibc only")
+    block = 64 * 2**20  # above glibc's largest mmap threshold: mapped afresh on every allocation
+
+    def loop():
+        for _ in range(8):
+            torch.ones(block // 4, dtype=torch.float32).sum()
+
+    plain, _ = _faults_and_rss(loop)
+    _, rss_before = _faults_and_rss(lambda: None)
+    with keep_freed_memory(2 * block):
+        kept, _ = _faults_and_rss(loop)
+    _, rss_after = _faults_and_rss(lambda: None)
+    pages = block // os.sysconf("SC_PAGE_SIZE")
+    assert plain >= 6 * pages  # the kernel zeroes every block again
+    assert kept < 2.5 * pages  # faulted in once, then reused
+    assert rss_after < rss_before + block // 2  # given back after the block
+
+
+def test_prediction_on_the_cpu_keeps_one_tile_of_activations(monkeypatch):
+    import contextlib
+
+    import cryoves.predict as pr
+
+    kept = []
+    monkeypatch.setattr(pr, "keep_freed_memory", lambda n: kept.append(n) or contextlib.nullcontext())
+    stats = {}
+    predict_array(random_net(0), np.zeros((24, 40, 48), np.float32), tile=64, precision="fp32", progress=False,
+                  stats=stats)
+    batch = min(stats["batch_size"], stats["tiles"])
+    assert kept == [pr.estimate_tile_memory(stats["tile_shape"], batch, "fp32")] and kept[0] > 0
+
+
 def _tomo(dark=True, shape=(40, 48, 56), vs=22.0):
     return Tomogram(vesicle_volume(shape, seed=5, dark=dark), (vs, vs, vs))
 

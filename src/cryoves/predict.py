@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from cryoves import DEFAULT_MODEL
+from cryoves._malloc import keep_freed_memory
 from cryoves.device import autocast, choose_device, choose_precision
 from cryoves.errors import FormatError, ParameterError, ResourceError
 from cryoves.io.mrc import reserve_space, set_header_stats
@@ -108,9 +109,11 @@ def available_memory(device: torch.device) -> int:
         return 4 * 2**30
 
 
-def estimate_tile_memory(tile: int, batch_size: int, precision: str) -> int:
-    """Approximate peak activation bytes of one batched forward pass of tiles of side ``tile``."""
-    return int(batch_size * tile**3 * BYTES_PER_TILE_VOXEL.get(precision, 170))
+def estimate_tile_memory(tile: int | Sequence[int], batch_size: int, precision: str) -> int:
+    """Approximate peak activation bytes of one batched forward pass of tiles of side ``tile``
+    (or sides (z, y, x))."""
+    voxels = math.prod(np.broadcast_to(np.asarray(tile, dtype=np.int64), (3,)).tolist())
+    return int(batch_size * voxels * BYTES_PER_TILE_VOXEL.get(precision, 170))
 
 
 def plan_tiles_memory(
@@ -392,7 +395,10 @@ def _run_tiles(fused, volume, out, dev, precision, tile, context, batch_size, tt
     sides = tile_shape(volume.shape, tile, context)
     tiles = plan_tiles(volume.shape, sides, context)
     bar = tqdm(total=len(tiles), desc="predict", unit="tile", disable=not progress, leave=False)
-    predict_tiles(fused, volume, tiles, out, dev, precision, tta, batch_size, on_batch=bar.update)
+    # each tile allocates and frees the same activations: keep them mapped (CPU memory only)
+    keep = estimate_tile_memory(sides, min(batch_size, len(tiles)), precision) if dev.type == "cpu" else 0
+    with keep_freed_memory(keep):
+        predict_tiles(fused, volume, tiles, out, dev, precision, tta, batch_size, on_batch=bar.update)
     bar.close()
     return len(tiles), sides
 

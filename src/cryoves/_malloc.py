@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 from collections.abc import Iterator
 
-
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 # glibc's documented defaults for the top pad, and the values its dynamic thresholds reach at most
 _DEFAULT_TOP_PAD = 128 * 1024

@@ -206,6 +206,20 @@ def test_predict_tomogram_grid_polarity_and_info():
     np.testing.assert_allclose(bright.prob, dark.prob, atol=1e-5)  # detected and undone
     forced = predict_tomogram(_tomo(dark=False, vs=18.0), model, invert=False, progress=False)
     assert forced.info["inverted"] is False and np.abs(forced.prob - dark.prob).max() > 1e-3
+    # a given inversion is not second-guessed: the polarity follows from it, no score is measured
+    assert forced.info["polarity"] == "dense_dark" and forced.info["polarity_score"] is None
+    given = predict_tomogram(_tomo(dark=False, vs=18.0), model, invert=True, progress=False)
+    assert given.info["polarity"] == "dense_bright" and given.info["polarity_score"] is None
+    np.testing.assert_allclose(given.prob, dark.prob, atol=1e-5)
+
+
+def test_a_given_inversion_skips_the_polarity_detection(monkeypatch):
+    import cryoves.preprocess as pp
+
+    monkeypatch.setattr(pp, "detect_polarity", lambda *a, **k: pytest.fail("polarity detected although given"))
+    for vs in (18.0, 22.0):  # resampled, and on the model's own grid
+        res = predict_tomogram(_tomo(dark=False, vs=vs), random_model(0), invert=True, progress=False)
+        assert res.info["inverted"] is True and res.info["polarity_score"] is None
 
 
 def test_predict_tomogram_writes_mrc_memmap(tmp_path):

@@ -316,8 +316,12 @@ def predict_cmd(
                        tile=tile, skip_vacuum=not whole_volume, force=force)
     i = res.info
     typer.echo(f"{i['model']} on {i['device']} ({i['precision']}), {i['tiles']} tiles, "
-               f"inverted={i['inverted']} (polarity score {i['polarity_score']:.3f}), "
+               f"inverted={i['inverted']} ({_polarity_note(i['polarity_score'])}), "
                f"{i['seconds']:.1f} s -> {output}")
+
+
+def _polarity_note(score: float | None) -> str:
+    return "as given" if score is None else f"polarity score {score:.3f}"
 
 
 @app.command("segment")

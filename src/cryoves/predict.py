@@ -70,7 +70,7 @@ TTA_TRANSFORMS: tuple[tuple[int, bool, bool], ...] = (
 class PredictionResult:
     """``prob``: float32 (z, y, x) probabilities on the input tomogram grid (``np.memmap`` when
     written to a file); ``info``: model name, sha256, model voxel size, scale, inversion,
-    polarity score, tiles, seconds, precision, device."""
+    polarity score (None when ``invert`` was given), tiles, seconds, precision, device."""
 
     prob: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)

@@ -323,9 +323,9 @@ def prepare_input(
     ``voxel_size_a``, ``vesicle_radius_nm``, ``polarity``, ``prefilter_sigma``, ``normalisation``).
     Steps: resample to the model voxel size (× training radius / ``vesicle_radius_nm`` if given;
     into ``out`` when given), detect the contrast polarity on the model grid unless ``invert``
-    is given (inverted when it differs from ``info.polarity``), Gaussian prefilter, normalisation
-    over the whole volume. Prediction (single-process and blockwise) and training all prepare
-    their input here. Returns ``(grid, {"scale", "inverted", "polarity", "polarity_score"})``.
+    is given (inverted when it differs from ``info.polarity``; a given ``invert`` is not checked
+    and the score is then None), Gaussian prefilter, normalisation over the whole volume.
+    Prediction (single-process and blockwise) and training all prepare their input here. Returns ``(grid, {"scale", "inverted", "polarity", "polarity_score"})``.
     """
     nominal = model_grid_scale(tomo.voxel_size, info.voxel_size_a, vesicle_radius_nm, info.vesicle_radius_nm)
     if all(abs(f - 1.0) < 1e-6 for f in nominal) and not info.prefilter_sigma > 0:
@@ -333,24 +333,27 @@ def prepare_input(
         return _prepare_on_own_grid(tomo, info, invert, out)
     grid, scale = to_model_grid(tomo, info.voxel_size_a, vesicle_radius_nm,
                                 training_radius_nm=info.vesicle_radius_nm, out=out)
-    polarity, score = detect_polarity(grid)
-    inverted = _inversion(polarity, score, info, invert)
+    inverted, polarity, score = _polarity(grid, info, invert)
     if inverted:
         np.negative(grid, out=grid)
     if info.prefilter_sigma > 0:
         ndimage.gaussian_filter(grid, info.prefilter_sigma, mode="nearest", output=grid)
     normalise(grid, info.normalisation, inplace=True)
     return grid, {"scale": [float(v) for v in scale], "inverted": bool(inverted), "polarity": polarity,
-                  "polarity_score": float(score)}
+                  "polarity_score": score}
 
 
-def _inversion(polarity: str, score: float, info: Any, invert: bool | None) -> bool:
+def _polarity(volume: Any, info: Any, invert: bool | None) -> tuple[bool, str, float | None]:
+    """(inverted, the tomogram's polarity, its score): detected unless ``invert`` is given (then
+    the polarity follows from it and the model's, and the score is None: not measured)."""
     if invert is not None:
-        return bool(invert)
+        dark = (info.polarity == "dense_dark") != bool(invert)
+        return bool(invert), "dense_dark" if dark else "dense_bright", None
+    polarity, score = detect_polarity(volume)
     inverted = (polarity == "dense_dark") != (info.polarity == "dense_dark")
     if inverted:
         log.info("dense material looks bright (polarity score %.3f); inverting the contrast", score)
-    return inverted
+    return inverted, polarity, float(score)
 
 
 def _prepare_on_own_grid(
@@ -359,8 +362,7 @@ def _prepare_on_own_grid(
     """:func:`prepare_input` for a tomogram already on the model grid and no prefilter: polarity
     and statistics from the tomogram itself (the values the copy would hold), then one pass that
     copies, inverts and normalises each slab: the same numbers as the three passes."""
-    polarity, score = detect_polarity(tomo.data)
-    inverted = _inversion(polarity, score, info, invert)
+    inverted, polarity, score = _polarity(tomo.data, info, invert)
     sample = _sample(tomo.data).astype(np.float32).astype(np.float64)  # the values of the float32 copy
     params = _normalisation(-sample if inverted else sample, info.normalisation, (0.5, 99.5))
     grid = out if out is not None else np.empty(tomo.shape, np.float32)
@@ -374,7 +376,7 @@ def _prepare_on_own_grid(
 
     parallel.thread_map(slab, range(0, tomo.shape[0], 16))
     return grid, {"scale": [1.0, 1.0, 1.0], "inverted": bool(inverted), "polarity": polarity,
-                  "polarity_score": float(score)}
+                  "polarity_score": score}
 
 
 #: Blocks per in-plane axis for the slab search: a tilted slab is found block by block.

@@ -47,6 +47,27 @@ def test_pmap_runs_on_other_processes_in_order(two_workers):
     assert os.getpid() not in set(parallel.pmap(_pid, list(range(8))))
 
 
+def _pid_plus(a: int, b: int) -> tuple[int, int]:
+    return os.getpid(), a + b
+
+
+def _die(_: int) -> int:
+    if parallel.workers() > 1 and os.getpid() != int(os.environ.get("CRYOVES_TEST_PARENT", "0")):
+        os._exit(3)  # a worker killed mid-task
+    return 7
+
+
+def test_submit_runs_aside_and_falls_back_here(two_workers, monkeypatch):
+    wait = parallel.submit(_pid_plus, 2, 3)
+    pid, total = wait()
+    assert total == 5 and pid != os.getpid()  # a worker computed it while this process went on
+    parallel.set_workers(1)
+    assert parallel.submit(_pid_plus, 2, 3)() == (os.getpid(), 5)  # no workers: computed here
+    parallel.set_workers(2)
+    monkeypatch.setenv("CRYOVES_TEST_PARENT", str(os.getpid()))
+    assert parallel.submit(_die, 0)() == 7  # the worker died: the result is still computed, here
+
+
 def test_workers_start_with_the_kernels_compiled(two_workers):
     """The server that forks the workers ran every kernel once (numba's start-up cost ~0.4 s per
     process): a fresh worker holds their machine code before its first task."""

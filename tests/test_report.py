@@ -94,3 +94,26 @@ def test_report_uses_the_volume_given_and_negates_lazily(seg_dir, tmp_path):
     plot_gallery(neg, table, tmp_path / "a.png")
     plot_gallery(-vol, table, tmp_path / "b.png")
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_the_gallery_drawn_by_a_worker_is_the_one_drawn_here(seg_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from cryoves import parallel
+
+    _, out = seg_dir
+    handed = []
+    real = parallel.submit
+    monkeypatch.setattr(parallel, "submit", lambda fn, *a: handed.append(fn.__name__) or real(fn, *a))
+    pngs = {}
+    for n in (1, 2):
+        copy = tmp_path / f"seg{n}"
+        shutil.copytree(out, copy)
+        parallel.set_workers(n)
+        try:
+            make_report(copy)
+        finally:
+            parallel.set_workers(None)
+        pngs[n] = (copy / "report" / "gallery.png").read_bytes()
+    assert handed == ["draw_gallery"] * 2  # with 2 workers a worker drew it, with 1 this process
+    assert pngs[1] == pngs[2]

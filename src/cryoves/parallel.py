@@ -202,6 +202,31 @@ def pmap(fn: Callable[[Any], Any], tasks: Sequence[Any], *, min_tasks: int = 2, 
         return out
 
 
+def submit(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """Start ``fn(*args)`` in a worker process when there are several workers and return a function
+    that waits for its result, so that this process can do other work meanwhile. ``fn`` must be a
+    module-level function; without workers, or when the worker fails, the waiting function computes
+    the result here."""
+    future = None
+    if workers() > 1:
+        try:
+            with _main_hidden():
+                future = _executor(workers()).submit(fn, *args)
+        except (BrokenProcessPool, OSError, RuntimeError) as exc:
+            log.warning("post-processing workers failed (%s); continuing in this process", exc)
+
+    def result() -> Any:
+        if future is not None:
+            try:
+                return future.result()
+            except (BrokenProcessPool, OSError) as exc:
+                log.warning("post-processing workers failed (%s); continuing in this process", exc)
+                shutdown()
+        return fn(*args)
+
+    return result
+
+
 def thread_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     """``[fn(i) for i in items]`` on one thread per worker, order kept: for numpy/scipy work on
     large blocks, which releases the GIL (measured: Gaussian filters and interpolation of 6 Mvoxel

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cryoves import parallel
 from cryoves.atomic import atomic_path, write_text_atomic
 from cryoves.errors import CryovesError, InputError
 from cryoves.results import MANIFEST_NAME, Result, open_result, read_manifest
@@ -134,16 +135,16 @@ def radial_profile(volume: np.ndarray, centre: np.ndarray, r_max: float, step: f
 
 def plot_gallery(volume: np.ndarray, vesicles: pd.DataFrame, path: Path, n: int = GALLERY_SIZE) -> Path:
     """The ``n`` worst-scored vesicles: central XY and XZ slices with the fitted circle, and radial profile."""
-    plt = _plt()
+    return draw_gallery(gallery_panels(volume, vesicles, n), path)
+
+
+def gallery_panels(volume: Any, vesicles: pd.DataFrame, n: int = GALLERY_SIZE) -> list[dict[str, Any]]:
+    """What :func:`draw_gallery` shows of the ``n`` worst-scored vesicles: per vesicle its XY and XZ
+    crops (with their offsets and the circle centre), its radial profile and its labels (small: a
+    worker process can draw them)."""
     worst = vesicles.assign(_score=qc_score(vesicles)).sort_values("_score", ascending=False, kind="stable").head(n)
-    cols = 4
-    rows = max(1, int(np.ceil(len(worst) / cols)))
-    fig, axes = plt.subplots(rows, cols * 3, figsize=(cols * 6.3, rows * 2.2), squeeze=False)
-    for ax in axes.ravel():
-        ax.set_axis_off()
-    for k, (_, v) in enumerate(worst.iterrows()):
-        r, c = divmod(k, cols)
-        a_xy, a_xz, a_pr = axes[r, 3 * c], axes[r, 3 * c + 1], axes[r, 3 * c + 2]
+    panels = []
+    for _, v in worst.iterrows():
         centre = np.array([v.z, v.y, v.x])
         half = int(np.ceil(v.radius * 1.6)) + 2
         zi, yi, xi = (int(round(q)) for q in centre)
@@ -152,26 +153,44 @@ def plot_gallery(volume: np.ndarray, vesicles: pd.DataFrame, path: Path, n: int 
         zs = slice(max(zi - half, 0), zi + half + 1)
         zi_c = min(max(zi, 0), volume.shape[0] - 1)
         yi_c = min(max(yi, 0), volume.shape[1] - 1)
-        for ax, img, (oy, ox), (cy, cx) in (
-            (a_xy, volume[zi_c, ys, xs], (ys.start, xs.start), (v.y, v.x)),
-            (a_xz, volume[zs, yi_c, xs], (zs.start, xs.start), (v.z, v.x)),
-        ):
+        crops = [
+            (np.asarray(volume[zi_c, ys, xs]), (ys.start, xs.start), (v.y, v.x)),
+            (np.asarray(volume[zs, yi_c, xs]), (zs.start, xs.start), (v.z, v.x)),
+        ]
+        rr, prof = radial_profile(volume, centre, v.radius * 1.6)
+        panels.append({"id": int(v.id), "radius": float(v.radius), "score": float(v._score), "crops": crops,
+                       "profile": (rr, prof)})
+    return panels
+
+
+def draw_gallery(panels: list[dict[str, Any]], path: Path) -> Path:
+    """The gallery figure of :func:`gallery_panels`, written to ``path``."""
+    from matplotlib.patches import Circle
+
+    plt = _plt()
+    cols = 4
+    rows = max(1, int(np.ceil(len(panels) / cols)))
+    fig, axes = plt.subplots(rows, cols * 3, figsize=(cols * 6.3, rows * 2.2), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for k, v in enumerate(panels):
+        r, c = divmod(k, cols)
+        a_xy, a_xz, a_pr = axes[r, 3 * c], axes[r, 3 * c + 1], axes[r, 3 * c + 2]
+        for ax, (img, (oy, ox), (cy, cx)) in zip((a_xy, a_xz), v["crops"], strict=True):
             if img.size == 0:
                 continue
             lo, hi = _contrast(img)
             ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
-            from matplotlib.patches import Circle
-
-            ax.add_patch(Circle((cx - ox, cy - oy), v.radius, fill=False, color="#00e5ff", lw=1))
+            ax.add_patch(Circle((cx - ox, cy - oy), v["radius"], fill=False, color="#00e5ff", lw=1))
         # y given: matplotlib then skips placing titles clear of tick labels (these axes have none at
         # the top), which built every axis' ticks: 0.7 of the gallery's 1.9 s
-        a_xy.set_title(f"id {int(v.id)} XY", fontsize=7, y=1.0)
+        a_xy.set_title(f"id {v['id']} XY", fontsize=7, y=1.0)
         a_xz.set_title("XZ", fontsize=7, y=1.0)
-        rr, prof = radial_profile(volume, centre, v.radius * 1.6)
+        rr, prof = v["profile"]
         a_pr.set_axis_on()
         a_pr.plot(rr, prof, lw=1)
-        a_pr.axvline(v.radius, color="r", lw=0.8)
-        a_pr.set_title(f"r={v.radius:.1f} vx, score={v._score:.2g}", fontsize=7, y=1.0)
+        a_pr.axvline(v["radius"], color="r", lw=0.8)
+        a_pr.set_title(f"r={v['radius']:.1f} vx, score={v['score']:.2g}", fontsize=7, y=1.0)
         a_pr.tick_params(labelsize=6)
     fig.suptitle("worst-scored vesicles (flagged, then highest QC score first): XY, XZ, radial profile (red: fitted radius)")
     # fixed margins: tight_layout and a tight bounding box over ~50 axes took 0.7 of the gallery's 1.7 s
@@ -355,12 +374,14 @@ def make_report(
             + f"<h3>Misses ({len(misses)})</h3>" + _table_html(misses)
             + f"<h3>False positives ({len(fps)})</h3>" + _table_html(fps) + "</section>"
         )
+    # the gallery (the largest figure) is drawn by a worker process while this one draws the others
+    gallery = parallel.submit(draw_gallery, gallery_panels(volume, df), figdir / "gallery.png")
     figs = [
         (plot_slices(volume, df, figdir / "slices.png", misses, fps), "orthogonal slices with vesicle outlines"),
-        (plot_gallery(volume, df, figdir / "gallery.png"), "worst-scored vesicles"),
         (plot_radius_histogram(df, figdir / "radius_histogram.png"), "radius histogram"),
         (plot_outliers(df, rejected, figdir / "outliers.png"), "outlier scatter"),
     ]
+    figs.insert(1, (gallery(), "worst-scored vesicles"))
     analysis_html = ""
     if analysis and "active_zone_mask" in result.paths:
         analysis_html = _analysis_section(result, figdir)

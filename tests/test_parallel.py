@@ -310,19 +310,24 @@ def test_label_statistics_equal_cc3d_on_any_number_of_threads(monkeypatch):
     rng = np.random.default_rng(4)
     lab = (rng.random((41, 50, 61)) < 0.4).astype(np.uint32) * rng.integers(1, 40, (41, 50, 61)).astype(np.uint32)
     lab[lab == 7] = 0  # an absent label: no box
-    want = cc3d.statistics(lab)
-    for n in (1, 2):
-        parallel.set_workers(n)
-        try:
-            got = label_statistics(lab)
-        finally:
-            parallel.set_workers(None)
-        assert np.array_equal(got["voxel_counts"], want["voxel_counts"])
-        assert np.array_equal(got["centroids"], want["centroids"], equal_nan=True)  # to the bit
-        present = want["voxel_counts"] > 0
-        assert [b for b, p in zip(got["bounding_boxes"], present) if p] == [
-            b for b, p in zip(want["bounding_boxes"], present) if p]
-        assert got["bounding_boxes"][7] is None
+    edges = lab.copy()  # the background (label 0, counted only per plane) does not reach every face
+    edges[:4], edges[:, -3:], edges[..., :2], edges[..., -1] = 3, 5, 9, 11
+    full = np.full((7, 8, 9), 2, np.uint32)  # no background at all
+    for vol in (lab, edges, full, np.zeros((5, 6, 7), np.uint32)):
+        want = cc3d.statistics(vol)
+        for n in (1, 2):
+            parallel.set_workers(n)
+            try:
+                got = label_statistics(vol)
+            finally:
+                parallel.set_workers(None)
+            assert np.array_equal(got["voxel_counts"], want["voxel_counts"])
+            assert np.array_equal(got["centroids"], want["centroids"], equal_nan=True)  # to the bit
+            present = want["voxel_counts"] > 0
+            assert [b for b, p in zip(got["bounding_boxes"], present) if p] == [
+                b for b, p in zip(want["bounding_boxes"], present) if p]
+            assert got["bounding_boxes"][0] == (want["bounding_boxes"][0] if present[0] else None)
+    assert label_statistics(lab)["bounding_boxes"][7] is None
     with pytest.raises(ParameterError):
         label_statistics(-lab.astype(np.int32))
 

@@ -18,21 +18,31 @@ from numba import njit
 @njit(cache=True, nogil=True)
 def slab_statistics(labels, z0, n_labels):  # pragma: no cover - compiled
     """Counts, coordinate sums (z, y, x) and per-axis min / max of every label in ``labels`` (a
-    z-slab starting at plane ``z0``); labels >= ``n_labels`` are not expected."""
+    z-slab starting at plane ``z0``); labels >= ``n_labels`` are not expected. Background voxels
+    (label 0, most of a tomogram) are only counted per plane; their numbers are the slab's minus
+    the labelled voxels' (the same integers)."""
     count = np.zeros(n_labels, np.int64)
     sums = np.zeros((n_labels, 3), np.int64)
     lo = np.full((n_labels, 3), np.iinfo(np.int64).max, np.int64)
     hi = np.full((n_labels, 3), -1, np.int64)
     nz, ny, nx = labels.shape
+    per_z = np.zeros(nz, np.int64)  # labelled voxels per plane of each axis
+    per_y = np.zeros(ny, np.int64)
+    per_x = np.zeros(nx, np.int64)
     for i in range(nz):
         z = z0 + i
         for j in range(ny):
             for k in range(nx):
                 lab = labels[i, j, k]
+                if lab == 0:
+                    continue
                 count[lab] += 1
                 sums[lab, 0] += z
                 sums[lab, 1] += j
                 sums[lab, 2] += k
+                per_z[i] += 1
+                per_y[j] += 1
+                per_x[k] += 1
                 if z < lo[lab, 0]:
                     lo[lab, 0] = z
                 if z > hi[lab, 0]:
@@ -45,6 +55,17 @@ def slab_statistics(labels, z0, n_labels):  # pragma: no cover - compiled
                     lo[lab, 2] = k
                 if k > hi[lab, 2]:
                     hi[lab, 2] = k
+    if n_labels > 0:
+        count[0] = nz * ny * nx - count.sum()
+        if count[0] > 0:
+            sums[0, 0] = ny * nx * (nz * z0 + nz * (nz - 1) // 2) - sums[:, 0].sum()
+            sums[0, 1] = nz * nx * (ny * (ny - 1) // 2) - sums[:, 1].sum()
+            sums[0, 2] = nz * ny * (nx * (nx - 1) // 2) - sums[:, 2].sum()
+            for axis, per, full, off in ((0, per_z, ny * nx, z0), (1, per_y, nz * nx, 0), (2, per_x, nz * ny, 0)):
+                for a in range(per.shape[0]):
+                    if per[a] < full:
+                        lo[0, axis] = min(lo[0, axis], a + off)
+                        hi[0, axis] = max(hi[0, axis], a + off)
     return count, sums, lo, hi
 
 

@@ -172,6 +172,11 @@ def test_keep_freed_memory_maps_repeated_large_blocks_once():
     assert plain >= 6 * pages  # the kernel zeroes every block again
     assert kept < 2.5 * pages  # faulted in once, then reused
     assert rss_after < rss_before + block // 2  # given back after the block
+    with keep_freed_memory(2 * block):
+        with keep_freed_memory(2**20):  # e.g. another thread's prediction, ending first
+            pass
+        still, _ = _faults_and_rss(loop)
+    assert still < 2.5 * pages  # kept until the last block ends
 
 
 def test_prediction_on_the_cpu_keeps_one_tile_of_activations(monkeypatch):

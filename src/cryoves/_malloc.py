@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
 from collections.abc import Iterator
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -33,22 +34,38 @@ def _glibc() -> ctypes.CDLL | None:
 _LIBC = _glibc()
 
 
-@contextlib.contextmanager
-def keep_freed_memory(nbytes: int) -> Iterator[None]:
-    """Within the block, up to ``nbytes`` freed at the top of the heap stay mapped for the next
-    allocation; after it, freed memory is returned to the system (``malloc_trim``)."""
-    if _LIBC is None or nbytes <= 0:
-        yield
-        return
+_lock = threading.Lock()
+_held: list[int] = []  # the sizes asked for by the blocks open now (threads: napari, Dask)
+
+
+def _set(nbytes: int) -> None:
     size = ctypes.c_int(min(int(nbytes), 2**31 - 1))
     # blocks up to nbytes come from the heap (not a fresh mapping each); its top keeps nbytes free
     _LIBC.mallopt(_M_MMAP_THRESHOLD, size)
     _LIBC.mallopt(_M_TOP_PAD, size)
+
+
+@contextlib.contextmanager
+def keep_freed_memory(nbytes: int) -> Iterator[None]:
+    """Within the block, up to ``nbytes`` freed at the top of the heap stay mapped for the next
+    allocation; after it, freed memory is returned to the system (``malloc_trim``). Blocks open in
+    several threads at once keep the largest size asked for until the last one ends."""
+    if _LIBC is None or nbytes <= 0:
+        yield
+        return
+    with _lock:
+        _held.append(int(nbytes))
+        _set(max(_held))
     try:
         yield
     finally:
-        # setting a parameter ends glibc's dynamic thresholds: restore the values they settle at
-        _LIBC.mallopt(_M_TOP_PAD, _DEFAULT_TOP_PAD)
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
-        _LIBC.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_MAX)
-        _LIBC.malloc_trim(0)
+        with _lock:
+            _held.remove(int(nbytes))
+            if _held:
+                _set(max(_held))
+            else:
+                # setting a parameter ends glibc's dynamic thresholds: restore the values they settle at
+                _LIBC.mallopt(_M_TOP_PAD, _DEFAULT_TOP_PAD)
+                _LIBC.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+                _LIBC.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_MAX)
+                _LIBC.malloc_trim(0)

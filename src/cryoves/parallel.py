@@ -161,9 +161,10 @@ atexit.register(shutdown)
 
 def warm_up() -> None:
     """Start the workers in the background of the caller's next step when there are several
-    (starting them takes ~1.3 s here: the server process imports the post-processing modules)."""
+    (starting them takes ~1.3 s here: the server process imports the post-processing modules);
+    nothing when they run already (the CLI starts them before the pipeline asks again)."""
     n = workers()
-    if n > 1:
+    if n > 1 and not (_pool is not None and _pool_size == n):
         threading.Thread(target=_start, args=(n,), daemon=True, name="cryoves-warm-up").start()
 
 

@@ -325,7 +325,8 @@ def prepare_input(
     into ``out`` when given), detect the contrast polarity on the model grid unless ``invert``
     is given (inverted when it differs from ``info.polarity``; a given ``invert`` is not checked
     and the score is then None), Gaussian prefilter, normalisation over the whole volume.
-    Prediction (single-process and blockwise) and training all prepare their input here. Returns ``(grid, {"scale", "inverted", "polarity", "polarity_score"})``.
+    Prediction (single-process and blockwise) and training all prepare their input here.
+    Returns ``(grid, {"scale", "inverted", "polarity", "polarity_score"})``.
     """
     nominal = model_grid_scale(tomo.voxel_size, info.voxel_size_a, vesicle_radius_nm, info.vesicle_radius_nm)
     if all(abs(f - 1.0) < 1e-6 for f in nominal) and not info.prefilter_sigma > 0:

@@ -54,8 +54,6 @@ SEGMENT_KIND = "segment"
 REVIEW_KIND = "review"
 
 
-
-
 # ----------------------------------------------------------------------------------- manifests
 def segment_manifest(
     *,

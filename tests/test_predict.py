@@ -142,41 +142,50 @@ def test_resource_error_before_starting(monkeypatch):
         predict_array(random_net(0), np.zeros((8, 8, 8), np.float32), tile=256, progress=False)
 
 
-def _faults_and_rss(loop) -> tuple[int, int]:
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    loop()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    with open("/proc/self/statm") as f:
-        return faults, int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def test_keep_freed_memory_maps_repeated_large_blocks_once():
+_KEEP_PROBE = textwrap.dedent("""
+    import json, os, resource, torch
     from cryoves._malloc import _LIBC, keep_freed_memory
 
-    if _LIBC is None:
-        pytest.skip("glibc only")
     block = 64 * 2**20  # above glibc's largest mmap threshold: mapped afresh on every allocation
 
     def loop():
-        for _ in range(8):
+        for _ in range(24):
             torch.ones(block // 4, dtype=torch.float32).sum()
 
-    plain, _ = _faults_and_rss(loop)
-    _, rss_before = _faults_and_rss(lambda: None)
+    def faults(fn):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    out = {"glibc": _LIBC is not None, "block": block, "plain": faults(loop), "rss_before": rss()}
     with keep_freed_memory(2 * block):
-        kept, _ = _faults_and_rss(loop)
-    _, rss_after = _faults_and_rss(lambda: None)
-    pages = block // os.sysconf("SC_PAGE_SIZE")
-    assert plain >= 6 * pages  # the kernel zeroes every block again
-    assert kept < 2.5 * pages  # faulted in once, then reused
-    assert rss_after < rss_before + block // 2  # given back after the block
+        out["kept"] = faults(loop)
+    out["rss_after"] = rss()
     with keep_freed_memory(2 * block):
         with keep_freed_memory(2**20):  # e.g. another thread's prediction, ending first
             pass
-        still, _ = _faults_and_rss(loop)
-    assert still < 2.5 * pages  # kept until the last block ends
+        out["still"] = faults(loop)
+    print(json.dumps(out))
+""")
+
+
+def test_keep_freed_memory_maps_repeated_large_blocks_once():
+    # a fresh interpreter: no other test's thread holds the allocator's settings meanwhile
+    r = subprocess.run([sys.executable, "-c", _KEEP_PROBE], capture_output=True, text=True, check=True)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    if not out["glibc"]:
+        pytest.skip("glibc only")
+    # fault counts depend on the page size the kernel gives (4 KiB, or 2 MiB transparent huge
+    # pages), so compare the loops: the plain one faults all 24 blocks in again, the kept one a
+    # few (measured: 3)
+    assert out["plain"] >= 24
+    assert 4 * out["kept"] < out["plain"]
+    assert out["rss_after"] < out["rss_before"] + out["block"] // 2  # given back after the block
+    assert 4 * out["still"] < out["plain"]  # kept until the last block ends
 
 
 def test_prediction_on_the_cpu_keeps_one_tile_of_activations(monkeypatch):

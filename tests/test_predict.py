@@ -144,7 +144,7 @@ def test_resource_error_before_starting(monkeypatch):
 
 _KEEP_PROBE = textwrap.dedent("""
     import json, os, resource, torch
-    from cryoves._malloc import _LIBC, keep_freed_memory
+    from cryoves._malloc import _LIBC, keep_freed_memory, not_in_this_thread
 
     block = 64 * 2**20  # above glibc's largest mmap threshold: mapped afresh on every allocation
 
@@ -169,6 +169,8 @@ _KEEP_PROBE = textwrap.dedent("""
         with keep_freed_memory(2**20):  # e.g. another thread's prediction, ending first
             pass
         out["still"] = faults(loop)
+    with not_in_this_thread(), keep_freed_memory(2 * block):  # work beside the main thread's
+        out["off"] = faults(loop)
     print(json.dumps(out))
 """)
 
@@ -186,6 +188,7 @@ def test_keep_freed_memory_maps_repeated_large_blocks_once():
     assert 4 * out["kept"] < out["plain"]
     assert out["rss_after"] < out["rss_before"] + out["block"] // 2  # given back after the block
     assert 4 * out["still"] < out["plain"]  # kept until the last block ends
+    assert out["off"] > 4 * out["kept"]  # nothing kept in a thread that works beside another
 
 
 def test_prediction_on_the_cpu_keeps_one_tile_of_activations(monkeypatch):

@@ -144,3 +144,93 @@ def test_a_piece_visited_first_removes_nothing_but_itself():
     merged, rejected = merge_levels([fine, _table([]), big], levels)
     assert sorted(np.round(merged.radii, 1)) == [7.0, 26.0]
     assert len(rejected) == 1 and rejected["radius"].iloc[0] == pytest.approx(6.0)
+
+
+def _recording_coarse_map(monkeypatch, pause: float = 0.0):
+    import threading
+    import time
+
+    import cryoves.pipeline as pl
+
+    calls = []
+    real = pl._coarse_map
+
+    def record(lvl, **kwargs):
+        calls.append(["start", threading.current_thread().name])
+        time.sleep(pause)
+        out = real(lvl, **kwargs)
+        calls[-1][0] = "done"
+        return out
+
+    monkeypatch.setattr(pl, "_coarse_map", record)
+    return calls
+
+
+def test_coarse_maps_run_beside_the_finest_level_with_the_one_process_result(two_sizes, monkeypatch):
+    """With post-processing workers the coarse levels' maps come from a background thread, while the
+    finest level is post-processed; the vesicles are those of the run that computes them in turn."""
+    from cryoves import parallel
+    from cryoves.pipeline import SegmentConfig, segment
+
+    calls = _recording_coarse_map(monkeypatch)
+    runs = {}
+    for n in (1, 2):
+        parallel.set_workers(n)
+        try:
+            runs[n] = segment(two_sizes.tomogram, None, SegmentConfig(report=False))
+        finally:
+            parallel.set_workers(None)
+    assert [c[1] for c in calls[:2]] == ["MainThread"] * 2
+    assert all(c[1].startswith("cryoves-coarse") for c in calls[2:]) and len(calls) == 4
+    assert runs[1].vesicles.df.equals(runs[2].vesicles.df)
+    assert runs[1].rejected.df.equals(runs[2].rejected.df)
+    assert len(runs[2].vesicles) == 2
+
+
+def test_a_failure_waits_for_the_background_maps(two_sizes, monkeypatch):
+    """An error in the finest level's steps ends the run only after the background thread stopped
+    (it reads the shared tomogram, released on the way out); the level not yet started never is."""
+    import threading
+
+    import cryoves.postprocess.outliers as outliers
+    from cryoves import parallel
+    from cryoves.pipeline import SegmentConfig, segment
+
+    calls = _recording_coarse_map(monkeypatch, pause=1.0)
+
+    def fail(*_a, **_k):
+        raise RuntimeError("outlier step failed")
+
+    monkeypatch.setattr(outliers, "repair", fail)
+    parallel.set_workers(2)
+    try:
+        with pytest.raises(RuntimeError, match="outlier step failed"):
+            segment(two_sizes.tomogram, None, SegmentConfig(report=False))
+    finally:
+        parallel.set_workers(None)
+    assert [c[0] for c in calls] == ["done"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("cryoves-coarse")]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "setpriority"), reason="no thread priorities here")
+def test_the_background_thread_yields_to_the_main_thread():
+    import os
+    import threading
+
+    from cryoves.pipeline import _BACKGROUND_NICE, _yield_to_main
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen = {}
+
+    def run():
+        seen["base"] = nice()
+        _yield_to_main()
+        seen["after"] = nice()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert seen["after"] == min(19, seen["base"] + _BACKGROUND_NICE)
+    assert nice() == seen["base"]  # only that thread

@@ -36,6 +36,19 @@ _LIBC = _glibc()
 
 _lock = threading.Lock()
 _held: list[int] = []  # the sizes asked for by the blocks open now (threads: napari, Dask)
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def not_in_this_thread() -> Iterator[None]:
+    """:func:`keep_freed_memory` does nothing in this thread within the block: for work that runs
+    beside another thread's, whose frees the process-wide settings would keep as well."""
+    before = getattr(_local, "off", False)
+    _local.off = True
+    try:
+        yield
+    finally:
+        _local.off = before
 
 
 def _set(nbytes: int) -> None:
@@ -50,7 +63,7 @@ def keep_freed_memory(nbytes: int) -> Iterator[None]:
     """Within the block, up to ``nbytes`` freed at the top of the heap stay mapped for the next
     allocation; after it, freed memory is returned to the system (``malloc_trim``). Blocks open in
     several threads at once keep the largest size asked for until the last one ends."""
-    if _LIBC is None or nbytes <= 0:
+    if _LIBC is None or nbytes <= 0 or getattr(_local, "off", False):
         yield
         return
     with _lock:

@@ -572,6 +572,7 @@ def predict_tomogram(
     on_model_grid: bool = False,
     skip_vacuum: bool = True,
     region: Sequence[slice] | None = None,
+    memory_budget: int | None = None,
 ) -> PredictionResult:
     """Vesicle probability map of a tomogram, on the tomogram's own grid (z, y, x), in [0, 1].
 
@@ -586,7 +587,8 @@ def predict_tomogram(
     allowed) and the result also holds the network input (``image``), e.g. for a coarse search.
     The network runs only on :func:`network_box`: with ``skip_vacuum`` the z-range that holds
     the specimen, and within ``region`` (a box on the tomogram grid, e.g. the bounding box of a
-    cytoplasm mask); everything else gets probability 0.
+    cytoplasm mask); everything else gets probability 0. ``memory_budget``: activation memory for
+    choosing the tile (see :func:`predict_array`).
     """
     from cryoves.atomic import check_file_output, make_dir
     from cryoves.preprocess import _target_shape, model_grid_scale
@@ -625,7 +627,8 @@ def predict_tomogram(
         zero_outside(prob_m, box)
         if all(s.stop > s.start for s in box):
             predict_array(fused, grid[box], device=dev, tile=tile, batch_size=batch_size, precision=prec,
-                          tta=tta, out=prob_m[box], progress=progress, prepared=True, stats=stats)
+                          tta=tta, out=prob_m[box], progress=progress, prepared=True, stats=stats,
+                          memory_budget=memory_budget)
         else:
             stats.update(tiles=0)
         stats["network_box"] = [[int(s.start), int(s.stop)] for s in box]

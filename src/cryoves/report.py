@@ -46,7 +46,9 @@ def _plt():
 def _save(fig: Any, path: Path, tight: bool = True) -> Path:
     """Write ``fig`` as PNG; ``tight=False`` for figures laid out by hand (a tight box costs a draw)."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight" if tight else None, format="png")
+        # zlib level 3: 2x faster than the default 6 on these figures, files no larger (measured)
+        fig.savefig(tmp, dpi=110, bbox_inches="tight" if tight else None, format="png",
+                    pil_kwargs={"compress_level": 3})
     _plt().close(fig)
     return path
 
@@ -58,16 +60,25 @@ def _contrast(img: np.ndarray) -> tuple[float, float]:
 
 def _circles(ax: Any, table: pd.DataFrame, axis: int, index: float, color: str, lw: float = 1.0) -> None:
     """Outline every sphere cut by the plane ``coord[axis] == index`` (display axes are the other two)."""
-    from matplotlib.patches import Circle
-
     names = ["z", "y", "x"]
     rows, cols = [n for k, n in enumerate(names) if k != axis]
     d = table[names[axis]].to_numpy() - index
     r = table["radius"].to_numpy()
     cut = np.abs(d) < r
     rr = np.sqrt(np.maximum(r[cut] ** 2 - d[cut] ** 2, 0))
-    for yy, xx, rad in zip(table[rows].to_numpy()[cut], table[cols].to_numpy()[cut], rr):
-        ax.add_patch(Circle((xx, yy), rad, fill=False, color=color, lw=lw))
+    _outline(ax, table[cols].to_numpy()[cut], table[rows].to_numpy()[cut], rr, color, lw)
+
+
+def _outline(ax: Any, x: np.ndarray, y: np.ndarray, radius: np.ndarray, color: str, lw: float) -> None:
+    """Circles of ``radius`` around (x, y) in data coordinates, drawn as one collection (one patch
+    per circle made the slice figure 3x slower: each patch updates the axes' limits)."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Circle
+
+    if len(radius):
+        circles = [Circle((float(a), float(b)), float(c)) for a, b, c in zip(x, y, radius, strict=True)]
+        ax.add_collection(PatchCollection(circles, facecolor="none", edgecolor=color, linewidths=lw),
+                          autolim=False)
 
 
 def plot_slices(
@@ -164,38 +175,47 @@ def gallery_panels(volume: Any, vesicles: pd.DataFrame, n: int = GALLERY_SIZE) -
 
 
 def draw_gallery(panels: list[dict[str, Any]], path: Path) -> Path:
-    """The gallery figure of :func:`gallery_panels`, written to ``path``."""
-    from matplotlib.patches import Circle
-
+    """The gallery figure of :func:`gallery_panels`, written to ``path``: per vesicle its XY and XZ
+    crops side by side in one panel, and its radial profile."""
     plt = _plt()
     cols = 4
     rows = max(1, int(np.ceil(len(panels) / cols)))
-    fig, axes = plt.subplots(rows, cols * 3, figsize=(cols * 6.3, rows * 2.2), squeeze=False)
+    # one axes for both crops and few ticks: building and drawing the axes' ticks was most of the time
+    fig, axes = plt.subplots(rows, cols * 2, figsize=(cols * 6.3, rows * 2.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [2, 1] * cols})
     for ax in axes.ravel():
         ax.set_axis_off()
     for k, v in enumerate(panels):
         r, c = divmod(k, cols)
-        a_xy, a_xz, a_pr = axes[r, 3 * c], axes[r, 3 * c + 1], axes[r, 3 * c + 2]
-        for ax, (img, (oy, ox), (cy, cx)) in zip((a_xy, a_xz), v["crops"], strict=True):
+        a_im, a_pr = axes[r, 2 * c], axes[r, 2 * c + 1]
+        left, height = 0.0, 1
+        for img, (oy, ox), (cy, cx) in v["crops"]:
             if img.size == 0:
                 continue
             lo, hi = _contrast(img)
-            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
-            ax.add_patch(Circle((cx - ox, cy - oy), v["radius"], fill=False, color="#00e5ff", lw=1))
+            h, w = img.shape
+            a_im.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest",
+                        extent=(left - 0.5, left + w - 0.5, h - 0.5, -0.5))
+            _outline(a_im, np.array([cx - ox + left]), np.array([cy - oy]), np.array([v["radius"]]), "#00e5ff", 1.0)
+            left, height = left + w + 2, max(height, h)
+        a_im.set_xlim(-0.5, max(left - 2, 1) - 0.5)
+        a_im.set_ylim(height - 0.5, -0.5)
         # y given: matplotlib then skips placing titles clear of tick labels (these axes have none at
-        # the top), which built every axis' ticks: 0.7 of the gallery's 1.9 s
-        a_xy.set_title(f"id {v['id']} XY", fontsize=7, y=1.0)
-        a_xz.set_title("XZ", fontsize=7, y=1.0)
+        # the top), which built every axis' ticks
+        a_im.set_title(f"id {v['id']}: XY | XZ", fontsize=7, y=1.0)
         rr, prof = v["profile"]
         a_pr.set_axis_on()
         a_pr.plot(rr, prof, lw=1)
         a_pr.axvline(v["radius"], color="r", lw=0.8)
         a_pr.set_title(f"r={v['radius']:.1f} vx, score={v['score']:.2g}", fontsize=7, y=1.0)
+        a_pr.set_yticks([])  # intensity in the tomogram's units: the shape is what matters
+        a_pr.locator_params(axis="x", nbins=4)
         a_pr.tick_params(labelsize=6)
-    fig.suptitle("worst-scored vesicles (flagged, then highest QC score first): XY, XZ, radial profile (red: fitted radius)")
+    fig.suptitle("worst-scored vesicles (flagged, then highest QC score first): XY | XZ, radial profile (red: fitted radius)")
     # fixed margins: tight_layout and a tight bounding box over ~50 axes took 0.7 of the gallery's 1.7 s
-    height = rows * 2.2  # inches
-    fig.subplots_adjust(left=0.01, right=0.995, bottom=0.3 / height, top=1 - 0.65 / height, wspace=0.25, hspace=0.45)
+    height_in = rows * 2.2
+    fig.subplots_adjust(left=0.01, right=0.995, bottom=0.3 / height_in, top=1 - 0.65 / height_in, wspace=0.15,
+                        hspace=0.45)
     return _save(fig, path, tight=False)
 
 
@@ -235,10 +255,11 @@ def plot_radius_histogram(vesicles: pd.DataFrame, path: Path) -> Path:
         bins, log = radius_bins(r)
         if LEVEL_COLUMN in vesicles.columns and vesicles[LEVEL_COLUMN].nunique() > 1:
             groups = sorted(vesicles.groupby(LEVEL_COLUMN)["radius_nm"])
-            ax.hist([g.to_numpy() for _, g in groups], bins=bins, stacked=True,
+            # filled outlines, not bars: one polygon per population instead of a patch per bin (3x faster)
+            ax.hist([g.to_numpy() for _, g in groups], bins=bins, stacked=True, histtype="stepfilled",
                     label=[f"{lvl:g} nm grid: n={len(g)}, median {g.median():.1f} nm" for lvl, g in groups])
         else:
-            ax.hist(r, bins=bins, color="#3a7bd5")
+            ax.hist(r, bins=bins, color="#3a7bd5", histtype="stepfilled")
         ax.axvline(np.median(r), color="k", ls="--", lw=1, label=f"median {np.median(r):.1f} nm")
         ax.legend(fontsize=7)
         if log:

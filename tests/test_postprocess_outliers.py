@@ -305,3 +305,45 @@ def test_a_profile_anticorrelated_with_the_population_is_removed_even_when_suppo
     t = _supported_table(n=30, profile_correlation=corr)
     out, rej = repair(t, None, min_radius_nm=1.0, p_threshold=0.0)
     assert t.df.loc[0, "id"] in set(rej["id"]) and t.df.loc[0, "id"] not in set(out.ids)
+
+
+_NO_STATS_PROBE = """
+import sys
+sys.path.insert(0, {tests!r})
+from _post_utils import random_scene
+from cryoves.postprocess import fit_spheres, label_vesicles, repair
+s = random_scene(n=9, shape=(56, 96, 96), seed=21, r_range=(9.0, 11.0))
+labels, _ = label_vesicles(s.prob, 0.5, s.voxel_size, min_radius_nm=4)
+table, _ = fit_spheres(s.intensity, labels, s.voxel_size)
+df = table.df.copy()
+df.loc[0, "radius"] *= 1.35
+df.loc[0, "membrane_thickness_nm"] *= 2.5
+fixed, rejected = repair(table.with_df(df), s.intensity, min_radius_nm=4)
+print(len(fixed), "scipy.stats" in sys.modules)
+"""
+
+
+def test_fits_and_outlier_tests_do_not_import_scipy_stats(tmp_path):
+    """scipy.stats costs 0.3 s to import in every process (the workers re-fit outliers and test them
+    again): the distributions come from scipy.special, the ranks from numpy."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "probe.py"
+    script.write_text(_NO_STATS_PROBE.format(tests=str(Path(__file__).parent)))
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True)
+    n, imported = res.stdout.split()
+    assert int(n) >= 8 and imported == "False"
+
+
+def test_the_distribution_functions_are_scipy_stats_to_the_bit():
+    from scipy.stats import f
+
+    from cryoves.postprocess.outliers import _chi2_ppf, loo_p_value
+
+    d2 = np.r_[0.0, np.random.default_rng(2).exponential(4.0, 200)]
+    for n in (5, 9, 40):
+        nu, t2 = n - 2, d2 * (n - 1) / n
+        assert np.array_equal(loo_p_value(d2, n), f.sf((nu - 2) / (3 * nu) * t2, 3, nu - 2))
+    assert _chi2_ppf(0.975, 3) == chi2.ppf(0.975, 3) and _chi2_ppf(0.5, 3) == chi2.ppf(0.5, 3)

@@ -225,3 +225,14 @@ def test_profile_correlation_is_spearman_of_each_profile_with_the_median_profile
             assert np.isnan(r)
         else:
             assert r == pytest.approx(spearmanr(row[m], ref[m]).statistic, abs=1e-12)
+
+
+def test_rank_rows_is_scipy_rankdata():
+    from scipy.stats import rankdata
+
+    from cryoves.postprocess.spheres import rank_rows
+
+    rng = np.random.default_rng(1)
+    for shape in [(7,), (5, 13), (40, 200), (3, 1), (2, 0)]:
+        for a in (rng.normal(size=shape), rng.integers(0, 4, size=shape).astype(float)):  # the second with ties
+            assert np.array_equal(rank_rows(a), rankdata(a, axis=-1))

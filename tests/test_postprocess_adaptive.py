@@ -254,3 +254,27 @@ def test_objects_are_measured_once_and_updated_where_they_change(monkeypatch):
     for i, o in whole.items():
         q = local[i]
         assert (q.volume, q.extent, q.box) == (o.volume, o.extent, o.box) and np.array_equal(q.centroid, o.centroid)
+
+
+def test_objects_too_small_for_a_deep_voxel_are_not_examined_for_a_shape_split():
+    """Below ``_voxels_within(d)`` voxels no voxel lies ``d`` deep (so the shape split finds nothing
+    and is skipped); the ball of that depth has at least that many voxels."""
+    from cryoves.postprocess.adaptive import _distance_inside, _voxels_within
+
+    rng = np.random.default_rng(4)
+    for d, zs in ((3.8, 1.5), (2.0, 1.0), (5.5, 1.5)):
+        fewest = _voxels_within(d, zs)
+        k = int(np.ceil(d)) + 2
+        z, y, x = np.ogrid[-k : k + 1, -k : k + 1, -k : k + 1]
+        ball = ((z * zs) ** 2 + y**2 + x**2 < d * d)
+        deep = np.pad(ball, 1)
+        assert _distance_inside(deep, zs).max() >= d - 1e-3 and ball.sum() >= fewest
+        for _ in range(200):  # random blobs below the count: never that deep
+            blob = np.zeros((2 * k + 3,) * 3, bool)
+            c = rng.integers(k, k + 3, 3)
+            r = rng.uniform(0.5, 1.2, 3) * d
+            zz, yy, xx = np.indices(blob.shape)
+            blob[(((zz - c[0]) * zs / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2) < 1] = True
+            blob &= rng.random(blob.shape) > rng.uniform(0, 0.1)
+            if 0 < blob.sum() < fewest:
+                assert _distance_inside(blob, zs).max() < d

@@ -611,10 +611,11 @@ def _coarse_map(
         from cryoves.preprocess import resample
 
         prob = restrict_probability(prob, resample(cyto.astype(np.float32), prob.shape, order=1) > 0.5)
-    th = float(global_threshold(prob, res.image, thresholds).threshold)
+    image = res.image
+    assert image is not None  # on_model_grid: the network input comes with the map
+    th = float(global_threshold(prob, image, thresholds).threshold)
     labels, _ = label_vesicles(prob, th, lvl.grid_voxel_a, min_radius_nm=lvl.min_radius_nm)
-    assert res.image is not None
-    return _CoarseMap(prob, res.image, th, labels, time.perf_counter() - t0)
+    return _CoarseMap(prob, image, th, labels, time.perf_counter() - t0)
 
 
 def _coarse_maps(

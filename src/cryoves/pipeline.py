@@ -567,7 +567,8 @@ def _call(_name: str, _fraction: float, fn: Callable[..., Any], *args: Any, **kw
 
 
 #: Activation memory of a coarse level's network tiles on a CPU (bytes): that network runs while the
-#: finest level is post-processed, so its tiles are kept smaller than the finest level's (640 MiB).
+#: finest level is post-processed, so its tiles are kept smaller than the finest level's
+#: (:data:`cryoves.predict.DEFAULT_TILE_BUDGET`).
 COARSE_TILE_BUDGET = 256 * 2**20
 
 

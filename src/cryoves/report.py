@@ -69,16 +69,20 @@ def _circles(ax: Any, table: pd.DataFrame, axis: int, index: float, color: str, 
     _outline(ax, table[cols].to_numpy()[cut], table[rows].to_numpy()[cut], rr, color, lw)
 
 
-def _outline(ax: Any, x: np.ndarray, y: np.ndarray, radius: np.ndarray, color: str, lw: float) -> None:
+def _outline(ax: Any, x: np.ndarray, y: np.ndarray, radius: np.ndarray, color: str, lw: float,
+             clip: tuple[float, float, float, float] | None = None) -> None:
     """Circles of ``radius`` around (x, y) in data coordinates, drawn as one collection (one patch
-    per circle made the slice figure 3x slower: each patch updates the axes' limits)."""
+    per circle made the slice figure 3x slower: each patch updates the axes' limits); ``clip``:
+    (x, y, width, height) of the data rectangle they are cut to (default: the axes)."""
     from matplotlib.collections import PatchCollection
-    from matplotlib.patches import Circle
+    from matplotlib.patches import Circle, Rectangle
 
     if len(radius):
         circles = [Circle((float(a), float(b)), float(c)) for a, b, c in zip(x, y, radius, strict=True)]
-        ax.add_collection(PatchCollection(circles, facecolor="none", edgecolor=color, linewidths=lw),
-                          autolim=False)
+        coll = ax.add_collection(PatchCollection(circles, facecolor="none", edgecolor=color, linewidths=lw),
+                                 autolim=False)
+        if clip is not None:
+            coll.set_clip_path(Rectangle(clip[:2], clip[2], clip[3], transform=ax.transData))
 
 
 def plot_slices(
@@ -196,7 +200,8 @@ def draw_gallery(panels: list[dict[str, Any]], path: Path) -> Path:
             h, w = img.shape
             a_im.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest",
                         extent=(left - 0.5, left + w - 0.5, h - 0.5, -0.5))
-            _outline(a_im, np.array([cx - ox + left]), np.array([cy - oy]), np.array([v["radius"]]), "#00e5ff", 1.0)
+            _outline(a_im, np.array([cx - ox + left]), np.array([cy - oy]), np.array([v["radius"]]), "#00e5ff", 1.0,
+                     clip=(left - 0.5, -0.5, w, h))  # each crop's circle stays on its crop
             left, height = left + w + 2, max(height, h)
         a_im.set_xlim(-0.5, max(left - 2, 1) - 0.5)
         a_im.set_ylim(height - 0.5, -0.5)

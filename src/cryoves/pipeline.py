@@ -653,10 +653,12 @@ _BACKGROUND_NICE = 10
 
 
 def _yield_to_main() -> None:
-    """Lower this thread's priority; the threads it starts (torch's) inherit it (Linux)."""
+    """Lower this thread's priority; the threads it starts (torch's) inherit it. Linux only: there a
+    thread id names the thread for ``setpriority``; elsewhere it could name another process."""
+    import sys
     import threading
 
-    if hasattr(os, "setpriority"):
+    if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):
             tid = threading.get_native_id()
             os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + _BACKGROUND_NICE))

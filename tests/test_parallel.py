@@ -355,3 +355,27 @@ def test_relabel_is_the_lookup_on_threads_in_place_or_not(dtype):
     assert np.array_equal(relabel(lab, lut.astype(np.int64), out=np.empty(lab.shape, np.uint32)), want)
     with pytest.raises(IndexError):
         relabel(lab, lut[:10])
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="thread priorities: Linux only")
+def test_the_background_thread_yields_to_the_main_thread():
+    import os
+    import threading
+
+    from cryoves.parallel import BACKGROUND_NICE, _yield_to_main
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen = {}
+
+    def run():
+        seen["base"] = nice()
+        _yield_to_main()
+        seen["after"] = nice()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert seen["after"] == min(19, seen["base"] + BACKGROUND_NICE)
+    assert nice() == seen["base"]  # only that thread

@@ -181,7 +181,7 @@ def test_coarse_maps_run_beside_the_finest_level_with_the_one_process_result(two
         finally:
             parallel.set_workers(None)
     assert [c[1] for c in calls[:2]] == ["MainThread"] * 2
-    assert all(c[1].startswith("cryoves-coarse") for c in calls[2:]) and len(calls) == 4
+    assert all(c[1].startswith("cryoves-background") for c in calls[2:]) and len(calls) == 4
     assert runs[1].vesicles.df.equals(runs[2].vesicles.df)
     assert runs[1].rejected.df.equals(runs[2].rejected.df)
     assert len(runs[2].vesicles) == 2
@@ -209,28 +209,4 @@ def test_a_failure_waits_for_the_background_maps(two_sizes, monkeypatch):
     finally:
         parallel.set_workers(None)
     assert calls and all(c[0] == "done" for c in calls)  # the pause keeps the first running: it was waited for
-    assert not [t for t in threading.enumerate() if t.name.startswith("cryoves-coarse")]
-
-
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="thread priorities: Linux only")
-def test_the_background_thread_yields_to_the_main_thread():
-    import os
-    import threading
-
-    from cryoves.pipeline import _BACKGROUND_NICE, _yield_to_main
-
-    def nice() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    seen = {}
-
-    def run():
-        seen["base"] = nice()
-        _yield_to_main()
-        seen["after"] = nice()
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    assert seen["after"] == min(19, seen["base"] + _BACKGROUND_NICE)
-    assert nice() == seen["base"]  # only that thread
+    assert not [t for t in threading.enumerate() if t.name.startswith("cryoves-background")]

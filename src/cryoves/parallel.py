@@ -228,6 +228,51 @@ def submit(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
     return result
 
 
+#: Niceness added to the background thread of :func:`in_background`: it gets mostly the idle core's
+#: time (measured on the 200 × 400 × 400 speed tomogram: 15.0-15.5 s against 15.8-15.9 s at equal
+#: priority), yet is not starved by other programs on a busy machine.
+BACKGROUND_NICE = 10
+
+
+def in_background(calls: Sequence[Callable[[], Any]], stack: contextlib.ExitStack) -> list[Callable[[], Any]]:
+    """Run ``calls`` in turn in one background thread at a lower priority, starting now, and return
+    a function per call that waits for its result. When ``stack`` closes, the calls not started are
+    cancelled and the running one is waited for (it may read what the stack releases next). The
+    thread keeps no freed memory mapped (:func:`cryoves._malloc.not_in_this_thread`). With one
+    worker (a Dask task, ``CRYOVES_WORKERS=1``) the calls are returned as they are: each runs when
+    its result is asked for."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not calls or workers() <= 1:
+        return list(calls)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cryoves-background", initializer=_yield_to_main)
+    futures = [pool.submit(_beside_main, call) for call in calls]
+
+    def stop() -> None:
+        for f in futures:
+            f.cancel()
+        pool.shutdown(wait=True)
+
+    stack.callback(stop)
+    return [f.result for f in futures]
+
+
+def _yield_to_main() -> None:
+    """Lower this thread's priority; the threads it starts (torch's) inherit it. Linux only: there a
+    thread id names the thread for ``setpriority``; elsewhere it could name another process."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
+
+
+def _beside_main(call: Callable[[], Any]) -> Any:
+    from cryoves._malloc import not_in_this_thread
+
+    with not_in_this_thread():
+        return call()
+
+
 def thread_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     """``[fn(i) for i in items]`` on one thread per worker, order kept: for numpy/scipy work on
     large blocks, which releases the GIL (measured: Gaussian filters and interpolation of 6 Mvoxel

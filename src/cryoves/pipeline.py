@@ -622,53 +622,13 @@ def _coarse_map(
 def _coarse_maps(
     levels: list[Level], stack: contextlib.ExitStack, **kwargs: Any
 ) -> list[Callable[[], _CoarseMap]]:
-    """The coarse levels' maps, each as a call that returns it. With several post-processing workers
-    they are computed in one background thread, started now: the finest level's post-processing
-    leaves a core idle part of the time (measured: 20-30 % in its steps). ``stack`` waits for that
-    thread before it releases what the thread reads. With one worker (e.g. a Dask task), each map
-    is computed when it is asked for."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """The coarse levels' maps, each as a call that returns it, computed in the background from now
+    on (:func:`cryoves.parallel.in_background`): the finest level's post-processing leaves a core
+    idle part of the time (measured: 20-30 % in its steps). ``stack`` waits for them before it
+    releases what they read."""
     from cryoves import parallel
 
-    calls = [functools.partial(_coarse_map, lvl, **kwargs) for lvl in levels]
-    if not calls or parallel.workers() <= 1:
-        return calls
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cryoves-coarse", initializer=_yield_to_main)
-    futures = [pool.submit(_beside_main, call) for call in calls]
-
-    def stop() -> None:
-        for f in futures:
-            f.cancel()
-        pool.shutdown(wait=True)
-
-    stack.callback(stop)
-    return [f.result for f in futures]
-
-
-#: Niceness added to the background thread: it gets mostly the idle core's time (measured on the
-#: 200 × 400 × 400 speed tomogram: 15.0-15.5 s against 15.8-15.9 s at equal priority), yet is not
-#: starved by other programs on a busy machine.
-_BACKGROUND_NICE = 10
-
-
-def _yield_to_main() -> None:
-    """Lower this thread's priority; the threads it starts (torch's) inherit it. Linux only: there a
-    thread id names the thread for ``setpriority``; elsewhere it could name another process."""
-    import sys
-    import threading
-
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + _BACKGROUND_NICE))
-
-
-def _beside_main(call: Callable[[], Any]) -> Any:
-    from cryoves._malloc import not_in_this_thread
-
-    with not_in_this_thread():
-        return call()
+    return parallel.in_background([functools.partial(_coarse_map, lvl, **kwargs) for lvl in levels], stack)
 
 
 def _coarse_level(

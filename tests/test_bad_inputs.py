@@ -157,6 +157,36 @@ def test_usage_errors_exit_2_not_internal_error(args):
     assert "internal error" not in res.output and "Traceback" not in res.output
 
 
+
+def test_help_into_a_closed_pipe_is_not_an_internal_error():
+    """`cryoves train --help | head -40`: the reader leaves while the help is being written; that
+    ends quietly, as click does for its own output (it was reported as an internal error)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("sh") is None or shutil.which("head") is None:
+        pytest.skip("needs a POSIX shell")
+    for _ in range(3):  # the reader may leave before or after the last write; both must be quiet
+        proc = subprocess.run(["sh", "-c", f'"{sys.executable}" -m cryoves train --help | head -40 > /dev/null'],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.stderr == "", proc.stderr
+
+
+def test_broken_pipe_elsewhere_is_still_an_internal_error(monkeypatch):
+    """A broken pipe that is not stdout's (e.g. to a worker process) is a bug to report."""
+    from typer.testing import CliRunner
+
+    import cryoves.cli as cli
+
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("cryoves.io.tomogram_info", broken)
+    res = CliRunner().invoke(cli.app, ["info", "x.mrc"])
+    assert res.exit_code == 1 and "internal error: BrokenPipeError" in res.output, res.output
+
+
 # ------------------------------------------------------------------------------------ resources
 def test_tile_too_big_for_memory_fails_before_any_work_and_the_suggestion_works(tmp_path, model_path, monkeypatch):
     import re

@@ -40,14 +40,29 @@ class _Group(TyperGroup):
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:  # broad on purpose: last resort: no traceback without --debug
-            if _STATE["debug"] or isinstance(exc, _click_exceptions()):
-                raise
+            if _STATE["debug"] or isinstance(exc, _click_exceptions()) or _reader_gone(exc):
+                raise  # click ends quietly (exit code 1) when the reader of stdout went away
             typer.echo(
                 f"internal error: {type(exc).__name__}: {_one_line(exc)} (run 'cryoves --debug ...' "
                 "for the traceback and please report it)",
                 err=True,
             )
             raise typer.Exit(1) from None
+
+
+def _reader_gone(exc: BaseException) -> bool:
+    """``exc`` is a broken pipe on stdout (``cryoves ... --help | head``), not on another pipe
+    (e.g. to a worker process, which is an internal error)."""
+    if not isinstance(exc, BrokenPipeError):
+        return False
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows) or no real stdout
+        return False
 
 
 def _click_exceptions() -> tuple[type[BaseException], ...]:

@@ -205,6 +205,25 @@ def test_prediction_on_the_cpu_keeps_one_tile_of_activations(monkeypatch):
     assert kept == [pr.estimate_tile_memory(stats["tile_shape"], batch, "fp32")] and kept[0] > 0
 
 
+
+def test_tiles_follow_the_networks_width():
+    """A narrower U-Net holds fewer bytes per tile voxel: within the same memory budget it gets
+    larger tiles (less overlap to compute), and the memory kept between tiles follows."""
+    import cryoves.predict as pr
+
+    assert pr.estimate_tile_memory(100, 1, "bf16") == 100**3 * pr.BYTES_PER_TILE_VOXEL["bf16"]
+    assert pr.estimate_tile_memory(100, 1, "bf16", 8) < 0.7 * pr.estimate_tile_memory(100, 1, "bf16")
+    tiles = {}
+    for filters in (4, 16):
+        stats = {}
+        net = random_net(0, base_filters=filters)
+        assert pr.network_filters(pr.prepare_network(net, torch.device("cpu"), "fp32")) == filters
+        predict_array(net, np.zeros((24, 40, 48), np.float32), precision="fp32", progress=False, stats=stats,
+                      memory_budget=64 * 2**20)
+        tiles[filters] = stats["tile"]
+    assert tiles[16] == pr.choose_tile(64 * 2**20, "fp32") and tiles[4] > tiles[16] + 8
+
+
 def _tomo(dark=True, shape=(40, 48, 56), vs=22.0):
     return Tomogram(vesicle_volume(shape, seed=5, dark=dark), (vs, vs, vs))
 

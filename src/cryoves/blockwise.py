@@ -263,6 +263,7 @@ def predict_blockwise(
         choose_tile,
         estimate_tile_memory,
         network_box,
+        network_filters,
         zero_outside,
     )
     from cryoves.preprocess import _target_shape, from_model_grid, model_grid_scale, prepare_input
@@ -280,11 +281,12 @@ def predict_blockwise(
     prec = choose_precision(precision, dev)
     # the tile size and batch that predict_array would choose, so that the tile plans agree
     budget = min(DEFAULT_TILE_BUDGET, available_memory(dev) // 2)
-    tile = choose_tile(budget, prec) if tile is None else int(tile)
+    filters = network_filters(loaded.net)
+    tile = choose_tile(budget, prec, filters=filters) if tile is None else int(tile)
     if tile % 4 or tile <= 2 * context:
         raise ParameterError(f"tile {tile} must be a multiple of 4 larger than {2 * context}")
     if batch_size is None:
-        batch_size = max(1, int(budget // max(1, estimate_tile_memory(tile, 1, prec))))
+        batch_size = max(1, int(budget // max(1, estimate_tile_memory(tile, 1, prec, filters))))
     mshape = _target_shape(tomo.shape, model_grid_scale(tomo.voxel_size, info.voxel_size_a, vesicle_radius_nm,
                                                          info.vesicle_radius_nm))
     scratch_root = Path(scratch) if scratch is not None else (out_path.parent if out_path is not None else None)

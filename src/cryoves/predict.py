@@ -49,8 +49,11 @@ log = logging.getLogger(__name__)
 #: receptive field of the default U-Net, so tiling is exact (see the module docstring).
 DEFAULT_CONTEXT = 24
 #: Peak bytes per tile voxel during one forward pass (measured on CPU, batch 1, tile 152,
-#: CryoVesNet U-Net: the encoder's two 16-channel level-0 tensors dominate).
+#: a U-Net with 16 base filters: its 16- and 32-channel level-0 tensors dominate).
 BYTES_PER_TILE_VOXEL = {"fp32": 170, "bf16": 160, "fp16": 160}
+#: Share of those bytes that does not scale with the number of filters (input, output, logits):
+#: 8 base filters measured 104 vs 155 B per voxel of 164 × 136 × 136 tiles in bf16 (0.67×).
+FIXED_TILE_BYTES_SHARE = 0.3
 #: Default activation-memory budget for choosing the tile size automatically (bytes). 512 MiB: the
 #: same network time as 640 MiB on a CPU (200 × 400 × 400 at 22 Å: 16 instead of 12 tiles, 5.39 vs
 #: 5.29 s, median of 5; 300 × 1024 × 1024: 17.1 vs 16.7-18.0 s) and a 0.1 GiB lower peak.
@@ -111,11 +114,22 @@ def available_memory(device: torch.device) -> int:
         return 4 * 2**30
 
 
-def estimate_tile_memory(tile: int | Sequence[int], batch_size: int, precision: str) -> int:
+def tile_voxel_bytes(precision: str, filters: int = 16) -> float:
+    """Peak activation bytes per tile voxel of a U-Net with ``filters`` base filters."""
+    share = FIXED_TILE_BYTES_SHARE + (1.0 - FIXED_TILE_BYTES_SHARE) * filters / 16.0
+    return BYTES_PER_TILE_VOXEL.get(precision, 170) * share
+
+
+def network_filters(net: Any) -> int:
+    """Base filters of ``net`` (a :class:`UNet3D` or its inference copy); 16 when unknown."""
+    return int(getattr(net, "config", {}).get("base_filters", 16))
+
+
+def estimate_tile_memory(tile: int | Sequence[int], batch_size: int, precision: str, filters: int = 16) -> int:
     """Approximate peak activation bytes of one batched forward pass of tiles of side ``tile``
-    (or sides (z, y, x))."""
+    (or sides (z, y, x)) through a U-Net with ``filters`` base filters."""
     voxels = math.prod(np.broadcast_to(np.asarray(tile, dtype=np.int64), (3,)).tolist())
-    return int(batch_size * voxels * BYTES_PER_TILE_VOXEL.get(precision, 170))
+    return int(batch_size * voxels * tile_voxel_bytes(precision, filters))
 
 
 def plan_tiles_memory(
@@ -125,24 +139,26 @@ def plan_tiles_memory(
     batch_size: int | None = None,
     context: int = DEFAULT_CONTEXT,
     memory_budget: int | None = None,
+    filters: int = 16,
 ) -> tuple[int, int]:
     """Tile side and batch size for ``device``; :class:`ResourceError` (naming a ``--tile`` that
     fits) when the activations of the requested tile cannot fit the available memory.
 
     ``tile`` None: the largest tile within ``memory_budget`` (default min(DEFAULT_TILE_BUDGET,
-    ½ available memory)). Cheap: call it before any work to fail early.
+    ½ available memory)) for a U-Net with ``filters`` base filters. Cheap: call it before any
+    work to fail early.
     """
     avail = available_memory(device)
     budget = memory_budget if memory_budget is not None else min(DEFAULT_TILE_BUDGET, avail // 2)
     if tile is None:
-        tile = choose_tile(budget, precision)
+        tile = choose_tile(budget, precision, filters=filters)
     if tile % 4 or tile <= 2 * context:
         raise ParameterError(f"tile {tile} must be a multiple of 4 larger than {2 * context}; use e.g. --tile 96")
     if batch_size is None:
-        batch_size = max(1, int(budget // max(1, estimate_tile_memory(tile, 1, precision))))
-    need = estimate_tile_memory(tile, batch_size, precision)
+        batch_size = max(1, int(budget // max(1, estimate_tile_memory(tile, 1, precision, filters))))
+    need = estimate_tile_memory(tile, batch_size, precision, filters)
     if need > avail:
-        suggestion = choose_tile(avail // 2, precision)
+        suggestion = choose_tile(avail // 2, precision, filters=filters)
         raise ResourceError(
             f"tile {tile}³ × batch {batch_size} needs ~{need / 2**30:.1f} GiB but only "
             f"{avail / 2**30:.1f} GiB is available; use --tile {suggestion} (and batch size 1)"
@@ -150,9 +166,10 @@ def plan_tiles_memory(
     return int(tile), int(batch_size)
 
 
-def choose_tile(budget: int, precision: str, divisor: int = 4) -> int:
-    """Largest tile side (multiple of ``divisor``, 48…256) whose activations fit ``budget`` bytes."""
-    t = int((budget / BYTES_PER_TILE_VOXEL.get(precision, 170)) ** (1 / 3))
+def choose_tile(budget: int, precision: str, divisor: int = 4, filters: int = 16) -> int:
+    """Largest tile side (multiple of ``divisor``, 48…256) whose activations (U-Net with ``filters``
+    base filters) fit ``budget`` bytes."""
+    t = int((budget / tile_voxel_bytes(precision, filters)) ** (1 / 3))
     t = max(MIN_TILE, min(MAX_TILE, t - t % divisor))
     return t
 
@@ -367,7 +384,7 @@ def predict_array(
     shape = tuple(int(s) for s in volume.shape)
     if len(shape) != 3:
         raise ParameterError(f"predict_array needs a 3-D volume, got shape {shape}")
-    tile, batch_size = plan_tiles_memory(dev, precision, tile, batch_size, context, memory_budget)
+    tile, batch_size = plan_tiles_memory(dev, precision, tile, batch_size, context, memory_budget, network_filters(net))
     if out is None:
         out = np.empty(shape, np.float32)
     elif tuple(out.shape) != shape:
@@ -398,7 +415,7 @@ def _run_tiles(fused, volume, out, dev, precision, tile, context, batch_size, tt
     tiles = plan_tiles(volume.shape, sides, context)
     bar = tqdm(total=len(tiles), desc="predict", unit="tile", disable=not progress, leave=False)
     # each tile allocates and frees the same activations: keep them mapped (CPU memory only)
-    keep = estimate_tile_memory(sides, min(batch_size, len(tiles)), precision) if dev.type == "cpu" else 0
+    keep = estimate_tile_memory(sides, min(batch_size, len(tiles)), precision, network_filters(fused)) if dev.type == "cpu" else 0
     with keep_freed_memory(keep):
         predict_tiles(fused, volume, tiles, out, dev, precision, tta, batch_size, on_batch=bar.update)
     bar.close()
@@ -607,7 +624,7 @@ def predict_tomogram(
     dev = choose_device(device)
     prec = choose_precision(precision, dev)
     if tile is not None:  # fail before resampling a large tomogram, not after
-        plan_tiles_memory(dev, prec, tile, batch_size)
+        plan_tiles_memory(dev, prec, tile, batch_size, filters=network_filters(loaded.net))
     scratch_dir = out_path.parent if out_path is not None else None
     nominal = model_grid_scale(tomo.voxel_size, info.voxel_size_a, vesicle_radius_nm, info.vesicle_radius_nm)
     mshape = _target_shape(tomo.shape, nominal)

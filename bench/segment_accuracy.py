@@ -160,6 +160,9 @@ def run(models: list[str], workdir: Path, set_name: str, variants: list[str], se
     from cryoves.pipeline import segment
 
     runs = [(m, v) for m in models for v in variants]
+    stems = [Path(m).stem for m in models]
+    if len(set(stems)) < len(stems):  # e.g. a retrained cryoves-default.safetensors beside the packaged one
+        raise SystemExit(f"two models would share a name in the results ({', '.join(models)}); rename a file")
     results: dict[str, list[dict]] = {_label(m, v): [] for m, v in runs}
     for seed, preset, overrides in SETS[set_name]:
         if seeds and seed not in seeds:

@@ -225,35 +225,6 @@ def test_tiles_follow_the_networks_width():
 
 
 
-def test_tiles_read_and_written_by_torch_give_the_numpy_paths_numbers():
-    """Tiles of a writable float32 array are read and converted, and written into a numpy output,
-    by torch copies; a read-only input and an output that is not a numpy array take the numpy
-    path. Both give the same bits, in bf16 and fp32, with tiles cut by the volume end."""
-    import cryoves.predict as pr
-
-    class Sink:  # an array-like output (e.g. a zarr array): setitem only
-        def __init__(self, shape):
-            self.a = np.zeros(shape, np.float32)
-            self.shape = shape
-
-        def __setitem__(self, key, value):
-            assert isinstance(value, np.ndarray)
-            self.a[key] = value
-
-    vol = vesicle_volume((30, 44, 52), seed=3)
-    frozen = vol.copy()
-    frozen.flags.writeable = False
-    net = random_net(1)
-    for precision in ("fp32", "bf16"):
-        fast = predict_array(net, vol, tile=56, precision=precision, progress=False)
-        slow = Sink(vol.shape)
-        predict_array(net, frozen, tile=56, precision=precision, progress=False, out=slow)
-        assert np.array_equal(fast, slow.a), precision
-    x = pr._read_batch(vol, pr.plan_tiles(vol.shape, 56)[-1:], torch.device("cpu"), torch.bfloat16)
-    y = pr._read_batch(frozen, pr.plan_tiles(vol.shape, 56)[-1:], torch.device("cpu"), torch.bfloat16)
-    assert torch.equal(x, y) and x.dtype == torch.bfloat16
-
-
 def _tomo(dark=True, shape=(40, 48, 56), vs=22.0):
     return Tomogram(vesicle_volume(shape, seed=5, dark=dark), (vs, vs, vs))
 

@@ -276,28 +276,6 @@ def plan_tiles(shape: Sequence[int], tile: int | Sequence[int], context: int = D
     return tiles
 
 
-def _read_batch(volume: Any, batch: list[Tile], dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The input boxes of ``batch`` as one (B, 1, z, y, x) tensor of ``dtype``: read and converted in
-    one multi-threaded copy per tile when the volume is a numpy array, zero beyond its end."""
-    if not (isinstance(volume, np.ndarray) and volume.dtype == np.float32 and volume.flags.writeable
-            and dev.type == "cpu"):  # torch warns about (and may not) wrap read-only numpy memory
-        return torch.from_numpy(np.stack([_read_tile(volume, t) for t in batch])[:, None]).to(dev, dtype)
-    x = torch.zeros((len(batch), 1, *batch[0].shape), dtype=dtype)
-    for i, t in enumerate(batch):
-        sl = tuple(slice(s.start, min(s.stop, n)) for s, n in zip(t.src, volume.shape, strict=True))
-        part = volume[sl]
-        x[i, 0, : part.shape[0], : part.shape[1], : part.shape[2]].copy_(torch.from_numpy(part))
-    return x
-
-
-def _write_block(out: Any, where: tuple[slice, ...], block: torch.Tensor) -> None:
-    """``out[where] = block``; one multi-threaded copy when ``out`` is a writable numpy array."""
-    if isinstance(out, np.ndarray) and out.flags.writeable and out.dtype == np.float32:
-        torch.from_numpy(out[where]).copy_(block)
-    else:
-        out[where] = block.numpy()
-
-
 def _read_tile(volume: Any, t: Tile) -> np.ndarray:
     """The tile's input box, zero-filled beyond the volume end."""
     buf = np.zeros(t.shape, np.float32)
@@ -463,7 +441,7 @@ def predict_tiles(
     dtype = next(net.parameters()).dtype  # bf16 weights on the CPU: no autocast, bf16 input
     with torch.inference_mode(), autocast(dev, precision) if dtype == torch.float32 else contextlib.nullcontext():
         for batch in _batches(tiles, batch_size):
-            x = _read_batch(volume, batch, dev, dtype)
+            x = torch.from_numpy(np.stack([_read_tile(volume, t) for t in batch])[:, None]).to(dev, dtype)
             crop = batch[0].crop
             acc = None
             for k, fx, fz in transforms:
@@ -476,10 +454,10 @@ def predict_tiles(
             assert acc is not None
             if len(transforms) > 1:
                 acc.div_(len(transforms))
-            prob = torch.sigmoid(acc)[:, 0].cpu()
+            prob = torch.sigmoid(acc)[:, 0].cpu().numpy()
             for t, p in zip(batch, prob, strict=True):
                 kz, ky, kx = (k.stop - k.start for k in t.keep)
-                _write_block(out, t.keep, p[:kz, :ky, :kx])
+                out[t.keep] = p[:kz, :ky, :kx]
             if on_batch is not None:
                 on_batch(len(batch))
 

@@ -5,7 +5,10 @@ included), alternating this source tree and the baseline's, on the same simulate
 (200×400×400 at 22 Å, ~400 vesicles, by default). Printed per run: wall time, the seconds from
 process start to the first network tile, the manifest's per-step times, peak RSS of the main process
 and peak PSS of the whole process tree (main + post-processing workers; PSS splits shared pages,
-so the shared tomogram is counted once), then medians and ratios (baseline / this).
+so the shared tomogram is counted once), the machine's CPU time during the run (Linux: core-seconds
+from /proc/stat, i.e. the work of every process and thread; on a quiet machine that is the
+command's), then medians and ratios (baseline / this). Core-seconds tell work from overlap: a run
+that keeps every core busy gets faster only with less work.
 
     python bench/segment_speed.py --baseline-rev 9c2a079 [--runs 2] [--shape 200 400 400]
     python bench/segment_speed.py --baseline ../cryoves-old     # any other checkout
@@ -51,6 +54,17 @@ def _tree_pss(pid: int) -> int:
     return total
 
 
+def _busy_seconds() -> float:
+    """Core-seconds the machine has spent busy since boot (/proc/stat; NaN elsewhere)."""
+    try:
+        with open("/proc/stat") as fh:
+            ticks = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return float("nan")
+    busy = sum(ticks[i] for i in (0, 1, 2, 5, 6) if i < len(ticks))  # user, nice, system, irq, softirq
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def run_segment(src: Path, tomo: Path, out: Path, extra: list[str]) -> dict:
     """One cold CLI run: wall time, seconds from process start to the first network tile (the
     progress bar of the tiles appears), the manifest's steps, peak RSS of the main process, peak
@@ -58,7 +72,7 @@ def run_segment(src: Path, tomo: Path, out: Path, extra: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src)}
     shutil.rmtree(out, ignore_errors=True)  # a folder from an earlier run would lend its cached map
     cmd = [sys.executable, "-m", "cryoves", "segment", str(tomo), "-o", str(out), *extra]
-    t0 = time.perf_counter()
+    t0, busy0 = time.perf_counter(), _busy_seconds()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     peak, to_network, to_step, lines = [0], [float("nan")], [float("nan")], []
     done = threading.Event()
@@ -80,7 +94,7 @@ def run_segment(src: Path, tomo: Path, out: Path, extra: list[str]) -> dict:
         th.start()
     _, status, usage = os.wait4(proc.pid, 0)  # this process is small: ru_maxrss is the child's own
     proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
+    wall, busy = time.perf_counter() - t0, _busy_seconds() - busy0
     done.set()
     for th in threads:
         th.join()
@@ -89,6 +103,7 @@ def run_segment(src: Path, tomo: Path, out: Path, extra: list[str]) -> dict:
     man = json.loads((out / "manifest.json").read_text())
     return {
         "wall": wall,
+        "cpu": busy,
         "to_network": to_network[0],
         "to_step": to_step[0],
         "steps": man.get("timings_s", {}),
@@ -103,7 +118,13 @@ def _fmt(name: str, rep: int, r: dict) -> str:
     steps = ", ".join(f"{k} {v:.1f}" for k, v in r["steps"].items() if v >= 0.05)
     return (f"{name:>8} run {rep}: {r['wall']:6.1f} s, {r['n']} vesicles, predict step after {r['to_step']:.2f} s, "
             f"first tile after {r['to_network']:.2f} s, "
-            f"peak RSS {r['rss'] / 2**30:.2f} GiB, tree PSS {r['pss'] / 2**30:.2f} GiB ({r['precision']}); {steps}")
+            f"peak RSS {r['rss'] / 2**30:.2f} GiB, tree PSS {r['pss'] / 2**30:.2f} GiB ({r['precision']}), "
+            f"{_fmt_cpu(r['cpu'], r['wall'])}; {steps}")
+
+
+def _fmt_cpu(core_s: float, wall: float) -> str:
+    n = os.cpu_count() or 1
+    return f"CPU {core_s:.1f} core-s ({100 * core_s / (wall * n):.0f} % of {n} cores)"
 
 
 def _baseline_tree(args, stack: list) -> Path | None:
@@ -167,14 +188,14 @@ def main() -> None:
             subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force", str(wt)], capture_output=True)
     med = {k: {"wall": statistics.median(r["wall"] for r in v), "rss": max(r["rss"] for r in v),
                "pss": max(r["pss"] for r in v), "to_network": statistics.median(r["to_network"] for r in v),
-               "to_step": statistics.median(r["to_step"] for r in v)}
+               "to_step": statistics.median(r["to_step"] for r in v), "cpu": statistics.median(r["cpu"] for r in v)}
            for k, v in results.items()}
     input_gib = tomo.stat().st_size / 2**30
     for k, m in med.items():
         print(f"{k:>11}: median {m['wall']:.1f} s, predict step after {m['to_step']:.2f} s (start-up, read, checksum), "
               f"first tile after {m['to_network']:.2f} s (+ network input preparation), peak RSS "
               f"{m['rss'] / 2**30:.2f} GiB (limit 2.5 x input + 1 = {2.5 * input_gib + 1:.2f} GiB), tree PSS "
-              f"{m['pss'] / 2**30:.2f} GiB")
+              f"{m['pss'] / 2**30:.2f} GiB, {_fmt_cpu(m['cpu'], m['wall'])}")
     names = list(med)
     if len(names) == 2:
         a, b = names

@@ -11,7 +11,8 @@ voxels leave seams with |Δp| up to 0.03). The decoder computes only the kept bl
 
 Memory: the output is written block by block into ``out`` (may be a ``np.memmap``). Peak
 resident memory of :func:`predict_array` ≈ runtime (~0.45 GiB) + batch · T³ · B_act bytes for
-tiles of side T (B_act ≈ 170 fp32 / 160 bf16, measured; T = 148 by default → ≈ 0.5 GiB)
+tiles of side T (B_act ≈ 170 fp32 / 160 bf16 for 16 base filters, measured, less for narrower
+networks: :func:`tile_voxel_bytes`; T = 148 by default → ≈ 0.5 GiB)
 + the input and output arrays if they are in memory (2 × 4 bytes per model-grid voxel; 0 for
 memory maps).
 """

@@ -7,7 +7,8 @@ process start to the first network tile, the manifest's per-step times, peak RSS
 and peak PSS of the whole process tree (main + post-processing workers; PSS splits shared pages,
 so the shared tomogram is counted once), the machine's CPU time during the run (Linux: core-seconds
 from /proc/stat, i.e. the work of every process and thread; on a quiet machine that is the
-command's), then medians and ratios (baseline / this). Core-seconds tell work from overlap: a run
+command's) and how much of it the main process did (exact) and its post-processing workers (sampled
+every 0.2 s, so a little low), then medians and ratios (baseline / this). Core-seconds tell work from overlap: a run
 that keeps every core busy gets faster only with less work.
 
     python bench/segment_speed.py --baseline-rev 9c2a079 [--runs 2] [--shape 200 400 400]
@@ -36,8 +37,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parents[1]
 
 
-def _tree_pss(pid: int) -> int:
-    """Proportional set size (bytes) of ``pid`` and its descendants (0 for vanished ones)."""
+def _tree_pss(pid: int, cpu: dict[int, float] | None = None) -> int:
+    """Proportional set size (bytes) of ``pid`` and its descendants (0 for vanished ones); ``cpu``
+    (a dict) receives each process's CPU seconds so far (user + system) by pid."""
     import psutil
 
     try:
@@ -49,6 +51,9 @@ def _tree_pss(pid: int) -> int:
     for p in procs:
         try:
             total += p.memory_full_info().pss
+            if cpu is not None:
+                t = p.cpu_times()
+                cpu[p.pid] = t.user + t.system
         except psutil.Error:
             pass
     return total
@@ -75,11 +80,12 @@ def run_segment(src: Path, tomo: Path, out: Path, extra: list[str]) -> dict:
     t0, busy0 = time.perf_counter(), _busy_seconds()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     peak, to_network, to_step, lines = [0], [float("nan")], [float("nan")], []
+    cpu_by_pid: dict[int, float] = {}
     done = threading.Event()
 
     def watch() -> None:
         while not done.wait(0.2):
-            peak[0] = max(peak[0], _tree_pss(proc.pid))
+            peak[0] = max(peak[0], _tree_pss(proc.pid, cpu_by_pid))
 
     def read() -> None:
         for line in proc.stdout:  # type: ignore[union-attr]
@@ -104,6 +110,9 @@ def run_segment(src: Path, tomo: Path, out: Path, extra: list[str]) -> dict:
     return {
         "wall": wall,
         "cpu": busy,
+        # the main process's own CPU (exact); its descendants' (workers, their server) as last sampled
+        "cpu_main": usage.ru_utime + usage.ru_stime,
+        "cpu_others": sum(v for k, v in cpu_by_pid.items() if k != proc.pid),
         "to_network": to_network[0],
         "to_step": to_step[0],
         "steps": man.get("timings_s", {}),
@@ -119,7 +128,7 @@ def _fmt(name: str, rep: int, r: dict) -> str:
     return (f"{name:>8} run {rep}: {r['wall']:6.1f} s, {r['n']} vesicles, predict step after {r['to_step']:.2f} s, "
             f"first tile after {r['to_network']:.2f} s, "
             f"peak RSS {r['rss'] / 2**30:.2f} GiB, tree PSS {r['pss'] / 2**30:.2f} GiB ({r['precision']}), "
-            f"{_fmt_cpu(r['cpu'], r['wall'])}; {steps}")
+            f"{_fmt_cpu(r['cpu'], r['wall'])}: main process {r['cpu_main']:.1f}, workers {r['cpu_others']:.1f}; {steps}")
 
 
 def _fmt_cpu(core_s: float, wall: float) -> str:

@@ -279,6 +279,33 @@ def test_predict_tomogram_writes_mrc_memmap(tmp_path):
     predict_tomogram(tomo, model, out=out, force=True, progress=False)
 
 
+@pytest.mark.parametrize("to_file", [False, True], ids=["in_memory", "memory_map"])
+def test_bf16_weights_read_a_bf16_copy_of_the_input(monkeypatch, tmp_path, to_file):
+    """With bf16 weights the network input is kept as bf16 during the tiles (half the bytes; the
+    float32 volume is freed) and gives the same map, bit for bit, as the float32 input converted
+    tile by tile; fp32 weights read the float32 input."""
+    import contextlib
+
+    import cryoves.predict as pr
+
+    model = random_model(1)
+    tomo = _tomo(shape=(40, 96, 104), vs=22.0)  # on the model grid: the map is the network's own
+    seen = []
+    real = pr.predict_array
+    monkeypatch.setattr(pr, "predict_array", lambda net, volume, **kw: seen.append(volume) or real(net, volume, **kw))
+    kw = dict(progress=False, tile=56, precision="bf16")
+    out = tmp_path / "prob.mrc" if to_file else None
+    bf16 = np.array(predict_tomogram(tomo, model, out=out, **kw).prob)
+    assert isinstance(seen[-1], torch.Tensor) and seen[-1].dtype == torch.bfloat16
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch left
+    monkeypatch.setattr(pr, "_bf16_copy", lambda src, folder: contextlib.nullcontext(src))
+    per_tile = predict_tomogram(tomo, model, **kw).prob
+    assert isinstance(seen[-1], np.ndarray) and seen[-1].dtype == np.float32
+    assert np.array_equal(bf16, per_tile)
+    predict_tomogram(tomo, model, progress=False, tile=56, precision="fp32")
+    assert isinstance(seen[-1], np.ndarray)
+
+
 _MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, sys, threading, time

@@ -277,13 +277,19 @@ def plan_tiles(shape: Sequence[int], tile: int | Sequence[int], context: int = D
     return tiles
 
 
-def _read_tile(volume: Any, t: Tile) -> np.ndarray:
-    """The tile's input box, zero-filled beyond the volume end."""
-    buf = np.zeros(t.shape, np.float32)
+def _read_tile(volume: Any, t: Tile) -> torch.Tensor:
+    """The tile's input box, zero-filled beyond the volume end: float32, or the dtype of a torch
+    ``volume``."""
     sl = tuple(slice(s.start, min(s.stop, n)) for s, n in zip(t.src, volume.shape, strict=True))
+    if isinstance(volume, torch.Tensor):
+        part = volume[sl]
+        buf = torch.zeros(t.shape, dtype=volume.dtype)
+        buf[tuple(slice(0, p) for p in part.shape)] = part
+        return buf
     part = np.asarray(volume[sl], dtype=np.float32)
-    buf[tuple(slice(0, p) for p in part.shape)] = part
-    return buf
+    out = np.zeros(t.shape, np.float32)
+    out[tuple(slice(0, p) for p in part.shape)] = part
+    return torch.from_numpy(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,7 +372,8 @@ def predict_array(
     prepared: bool = False,
     stats: dict[str, Any] | None = None,
 ) -> np.ndarray:
-    """Probabilities (float32, same shape) for a normalised (z, y, x) volume on the model grid.
+    """Probabilities (float32, same shape) for a normalised (z, y, x) volume on the model grid
+    (array-like, read as float32, or a torch tensor, read in its dtype: e.g. bf16 for bf16 weights).
 
     ``tile``: tile side in voxels (multiple of 4; default: the largest that fits
     ``memory_budget``, itself by default min(512 MiB, ½ available memory)). ``tta``: number of
@@ -442,7 +449,7 @@ def predict_tiles(
     dtype = next(net.parameters()).dtype  # bf16 weights on the CPU: no autocast, bf16 input
     with torch.inference_mode(), autocast(dev, precision) if dtype == torch.float32 else contextlib.nullcontext():
         for batch in _batches(tiles, batch_size):
-            x = torch.from_numpy(np.stack([_read_tile(volume, t) for t in batch])[:, None]).to(dev, dtype)
+            x = torch.stack([_read_tile(volume, t) for t in batch])[:, None].to(dev, dtype)
             crop = batch[0].crop
             acc = None
             for k, fx, fz in transforms:
@@ -468,19 +475,34 @@ def predict_tiles(
 
 
 @contextlib.contextmanager
-def _scratch(folder: Path | None, shape: tuple[int, ...]) -> Iterator[np.ndarray]:
-    """A float32 work array: in memory, or a temporary memory map in ``folder`` (deleted after)."""
+def _scratch(
+    folder: Path | None, shape: tuple[int, ...], dtype: Any = np.float32, suffix: str = ".f32"
+) -> Iterator[np.ndarray]:
+    """A work array: in memory, or a temporary memory map in ``folder`` (deleted after)."""
     if folder is None:
-        yield np.empty(shape, np.float32)
+        yield np.empty(shape, dtype)
         return
-    fd, name = tempfile.mkstemp(prefix=".cryoves-scratch.", suffix=".f32", dir=folder)
+    fd, name = tempfile.mkstemp(prefix=".cryoves-scratch.", suffix=suffix, dir=folder)
     os.close(fd)
     try:
-        mm = np.memmap(name, dtype=np.float32, mode="w+", shape=shape)
+        mm = np.memmap(name, dtype=dtype, mode="w+", shape=shape)
         yield mm
         del mm
     finally:
         Path(name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _bf16_copy(src: Any, folder: Path | None, slab: int = 16) -> Iterator[torch.Tensor]:
+    """``src`` (float32, z, y, x) as a bf16 tensor (in memory or a memory map in ``folder``, as
+    :func:`_scratch`): half the bytes, and the same bits as converting each tile (round to nearest
+    even either way)."""
+    with _scratch(folder, tuple(int(n) for n in src.shape), np.int16, ".bf16") as bits:
+        out = torch.from_numpy(bits).view(torch.bfloat16)
+        for z in range(0, out.shape[0], slab):
+            out[z : z + slab].copy_(torch.from_numpy(np.asarray(src[z : z + slab], dtype=np.float32)))
+        del src  # the float32 volume may be freed while the copy is in use
+        yield out
 
 
 MRC_OUTPUT_SUFFIXES = (".mrc", ".rec", ".map")
@@ -646,7 +668,12 @@ def predict_tomogram(
         box = network_box(grid, tomo.shape, skip_vacuum=skip_vacuum, region=region)
         zero_outside(prob_m, box)
         if all(s.stop > s.start for s in box):
-            predict_array(fused, grid[box], device=dev, tile=tile, batch_size=batch_size, precision=prec,
+            net_in = grid[box]
+            if not on_model_grid and next(fused.parameters()).dtype == torch.bfloat16:
+                # the network reads bf16 anyway: the float32 input is not kept during the tiles
+                net_in = stack.enter_context(_bf16_copy(net_in, scratch_dir))
+                grid = None
+            predict_array(fused, net_in, device=dev, tile=tile, batch_size=batch_size, precision=prec,
                           tta=tta, out=prob_m[box], progress=progress, prepared=True, stats=stats,
                           memory_budget=memory_budget)
         else:
